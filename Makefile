@@ -1,0 +1,21 @@
+# The two commands of the README. Each creates .venv and installs what it needs on first use.
+# GPU users: make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.dinollama-installed
+
+.PHONY: demo test
+
+demo: $(STAMP)
+	$(BIN)/dinollama demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
+	touch $@

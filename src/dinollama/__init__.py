@@ -1,0 +1,3 @@
+"""dinollama: DINOv2 and Code Llama in plain PyTorch."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,29 @@
+"""DINOv2 vision backbones: models, official weights, preprocessing, feature extraction."""
+
+from .convert import detect_format, infer_config, to_hf, to_official
+from .hub import BACKBONES, CLASSIFIERS, LinearClassifier, build, imagenet_classes, load, load_weights, weight_url
+from .model import ARCHS, DinoVisionTransformer, ViTConfig, build_vit, fit_to_patches
+from .transforms import EvalTransform, default_transform, make_eval_transform
+
+__all__ = [
+    "ARCHS",
+    "BACKBONES",
+    "CLASSIFIERS",
+    "DinoVisionTransformer",
+    "EvalTransform",
+    "LinearClassifier",
+    "ViTConfig",
+    "build",
+    "build_vit",
+    "default_transform",
+    "detect_format",
+    "fit_to_patches",
+    "imagenet_classes",
+    "infer_config",
+    "load",
+    "load_weights",
+    "make_eval_transform",
+    "to_hf",
+    "to_official",
+    "weight_url",
+]
