@@ -1,7 +1,7 @@
 """DINOv2 vision backbones: models, official weights, preprocessing, feature extraction."""
 
 from .convert import detect_format, infer_config, to_hf, to_official
-from .hub import BACKBONES, CLASSIFIERS, LinearClassifier, build, imagenet_classes, load, load_weights, weight_url
+from .hub import BACKBONES, CLASSIFIERS, LinearClassifier, build, imagenet_classes, load, load_weights, save, weight_url
 from .model import ARCHS, DinoVisionTransformer, ViTConfig, build_vit, fit_to_patches
 from .transforms import EvalTransform, default_transform, make_eval_transform
 
@@ -23,6 +23,7 @@ __all__ = [
     "load",
     "load_weights",
     "make_eval_transform",
+    "save",
     "to_hf",
     "to_official",
     "weight_url",

@@ -69,9 +69,6 @@ def _strip(sd: StateDict, prefix: str) -> StateDict:
 
 def from_training(sd: StateDict) -> StateDict:
     """Backbone of a training checkpoint: the teacher's when both networks are present."""
-    for wrapper in _PREFIXES:
-        if all(k.startswith(wrapper) for k in sd):
-            sd = _strip(sd, wrapper)
     for prefix in ("teacher.backbone.", "student.backbone.", "backbone."):
         if any(k.startswith(prefix) for k in sd):
             sd = _strip(sd, prefix)
@@ -170,6 +167,9 @@ def _is_swiglu_timm(sd: StateDict) -> bool:
 def to_official(obj: dict) -> tuple[StateDict, str]:
     """Any supported checkpoint content -> (official-layout state dict, detected format)."""
     sd = unwrap(obj)
+    for wrapper in _PREFIXES:  # DDP/FSDP/compile wrappers around any layout
+        if sd and all(k.startswith(wrapper) for k in sd):
+            sd = _strip(sd, wrapper)
     fmt = detect_format(sd)
     if fmt == "training":
         sd = from_training(sd)

@@ -178,3 +178,27 @@ class LinearClassifier(nn.Module):
         p, idx = probs.topk(topk, dim=-1)
         names = imagenet_classes()
         return [[(names[i], float(v)) for v, i in zip(pr, ix)] for pr, ix in zip(p.tolist(), idx.tolist())]
+
+
+def save(model: DinoVisionTransformer, path: str | os.PathLike, format: str = "safetensors") -> Path:
+    """Export a backbone: ``safetensors`` (official key names, config in the metadata), ``pth``
+    (the official file format) or ``hf`` (a Hugging Face folder: config.json + model.safetensors)."""
+    import json
+
+    from ..io import save_safetensors
+    from .convert import to_hf
+
+    path = Path(path)
+    sd = model.state_dict()
+    if format == "safetensors":
+        save_safetensors(sd, path, metadata={"format": "dinov2-official", "config": json.dumps(model.cfg.to_dict())})
+    elif format == "pth":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.contiguous() for k, v in sd.items()}, path)
+    elif format == "hf":
+        hf_sd, config = to_hf(sd, model.cfg)
+        save_safetensors(hf_sd, path / "model.safetensors", metadata={"format": "pt"})
+        (path / "config.json").write_text(json.dumps(config, indent=2))
+    else:
+        raise ValueError(f"format must be 'safetensors', 'pth' or 'hf', not {format!r}")
+    return path

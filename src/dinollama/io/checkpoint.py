@@ -16,17 +16,19 @@ class CheckpointError(ValueError):
 
 def _torch_load(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e) and "zip" not in str(e):
-            raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint ({e})") from e
-        # Legacy (non-zip) checkpoints cannot be memory-mapped.
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # Legacy (non-zip) checkpoints cannot be memory-mapped.
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors are reported with the file name, not as a traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"{path}: cannot read as a PyTorch checkpoint ({type(e).__name__}: {e}). Only tensors and plain "
-            "containers are loaded (weights_only=True); convert other files to safetensors first."
-        ) from e
+            f"{path}: cannot read as a PyTorch checkpoint ({first}). Only tensors and plain containers are "
+            "loaded (weights_only=True); a file from another tool may need converting to safetensors first."
+        ) from None
 
 
 def _hf_folder_files(folder: Path) -> list[Path]:
