@@ -126,3 +126,20 @@ def test_intermediate_layers_shapes_and_indices():
         feats = model.forward_features(x)
     assert [tuple(p.shape) for p, _ in outs] == [(2, 384, 8, 7)] * 2
     assert torch.allclose(last, feats["x_norm_patchtokens"], atol=1e-6)
+
+
+def test_optimize_for_inference_keeps_outputs():
+    from dinollama.dinov2 import optimize_for_inference
+
+    model = small("dinov2_vits14_reg", depth=2)
+    x = torch.randn(3, 3, 70, 84)
+    fast = optimize_for_inference(model, rows_hint=64)
+    fast_bf16 = optimize_for_inference(model, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        ref = model.forward_features(x)
+        out = fast.forward_features(x)
+        out_bf16 = fast_bf16(x.bfloat16()).float()
+    for k in ("x_norm_clstoken", "x_norm_patchtokens", "x_prenorm"):
+        assert torch.allclose(out[k], ref[k], atol=1e-4)
+    assert (out_bf16 - ref["x_norm_clstoken"]).abs().max() < 0.1
+    assert model.blocks[0].attn.qkv.weight.dtype == torch.float32  # the original is untouched

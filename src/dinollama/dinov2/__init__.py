@@ -28,3 +28,4 @@ __all__ = [
     "to_official",
     "weight_url",
 ]
+from .fast import optimize_for_inference

@@ -1,6 +1,7 @@
 """Transformer parts shared by the DINOv2 and Code Llama families."""
 
 from .attention import Attention, sdpa
+from .fast import PackedLinear, bmm_attention, onednn_available, pack_linears
 from .layers import DropPath, LayerScale, Mlp, RMSNorm, SwiGLU, SwiGLUFused, swiglu_hidden_dim
 from .rope import apply_rotary_emb, precompute_freqs_cis
 
@@ -9,10 +10,14 @@ __all__ = [
     "DropPath",
     "LayerScale",
     "Mlp",
+    "PackedLinear",
     "RMSNorm",
     "SwiGLU",
     "SwiGLUFused",
     "apply_rotary_emb",
+    "bmm_attention",
+    "onednn_available",
+    "pack_linears",
     "precompute_freqs_cis",
     "sdpa",
     "swiglu_hidden_dim",

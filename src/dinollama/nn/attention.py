@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fast import bmm_attention
+
 
 def sdpa(
     q: Tensor,
@@ -43,11 +45,15 @@ class Attention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
+        self.bmm_attention = False  # set by optimize_for_inference where it is faster (bf16 on CPU)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
     def forward(self, x: Tensor, return_attention: bool = False) -> tuple[Tensor, Tensor | None]:
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        out, weights = sdpa(qkv[0], qkv[1], qkv[2], return_weights=return_attention)
+        if self.bmm_attention and not return_attention:
+            out, weights = bmm_attention(qkv[0], qkv[1], qkv[2]), None
+        else:
+            out, weights = sdpa(qkv[0], qkv[1], qkv[2], return_weights=return_attention)
         return self.proj(out.transpose(1, 2).reshape(b, n, c)), weights
