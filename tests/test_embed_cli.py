@@ -1,0 +1,138 @@
+"""The embed job (formats, resume, bad files), pca, the CLI surface and torch.hub."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers_dinov2 import small
+from PIL import Image
+
+from dinollama.cli.main import main
+from dinollama.dinov2 import default_transform, save
+from dinollama.dinov2.embed import read_features
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imgs"
+    for c in ("cat", "dog"):
+        (folder / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 256, (40 + i, 50, 3), dtype=np.uint8)).save(folder / c / f"{i}.png")
+    (folder / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    return folder
+
+
+@pytest.fixture
+def weights(tmp_path):
+    model = small("dinov2_vits14", depth=1)
+    return save(model, tmp_path / "tiny.safetensors"), model
+
+
+def run(args):
+    return main([str(a) for a in args])
+
+
+def test_embed_matches_direct_forward_all_formats(images, weights, tmp_path, capsys):
+    path, model = weights
+    base = ["embed", images, "--model", path, "--weights", path, "--image-size", "56", "--workers", "0", "--quiet"]
+    assert run(base + ["-o", tmp_path / "f.safetensors", "--patch-tokens"]) == 0
+    assert "broken.jpg" in capsys.readouterr().err
+    feats = read_features(tmp_path / "f.safetensors")
+    assert len(feats.paths) == 10 and feats.cls.shape == (10, 384) and feats.patch.shape == (10, 16, 384)
+    assert list(feats.failed) == [str(images / "dog" / "broken.jpg")]
+    from dinollama.data import load_image
+    from dinollama.dinov2 import EvalTransform
+
+    x = torch.stack([EvalTransform(64, 56)(load_image(p)) for p in feats.paths[:3]])
+    with torch.no_grad():
+        ref = model(x)
+    assert torch.allclose(feats.cls[:3], ref, atol=1e-4)
+    assert run(base + ["-o", tmp_path / "f.npy"]) == 0
+    assert np.allclose(np.load(tmp_path / "f.npy"), feats.cls.numpy(), atol=1e-5)
+    assert (tmp_path / "f.npy.paths.txt").read_text().splitlines() == feats.paths
+    assert run(base + ["-o", tmp_path / "f.bin"]) == 2
+    assert run(base + ["-o", tmp_path / "x.npy", "--on-error", "fail"]) == 2
+
+
+def test_embed_resumes_after_interruption(images, weights, tmp_path):
+    path, _ = weights
+    base = ["embed", images, "--model", path, "--weights", path, "--image-size", "56", "--workers", "0",
+            "--quiet", "--chunk-size", "4"]
+    out = tmp_path / "r.safetensors"
+    assert run(base + ["-o", out]) == 0
+    full = read_features(out)
+    # simulate a kill after two chunks: recreate the parts folder with only the first two chunks
+    from dinollama.cli import vision
+
+    calls = []
+    original = vision.embed_paths if hasattr(vision, "embed_paths") else None
+    import dinollama.dinov2.embed as emb
+
+    real_save = emb.save_file
+
+    def dying_save(tensors, name, metadata=None):
+        calls.append(name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_save(tensors, name, metadata=metadata)
+
+    emb.save_file = dying_save
+    try:
+        assert run(base + ["-o", tmp_path / "again.safetensors"]) == 130
+    finally:
+        emb.save_file = real_save
+    parts = tmp_path / "again.safetensors.parts"
+    assert len(list(parts.glob("rank0-*.safetensors"))) == 2
+    assert run(base + ["-o", tmp_path / "again.safetensors"]) == 0
+    again = read_features(tmp_path / "again.safetensors")
+    assert again.paths == full.paths and torch.allclose(again.cls, full.cls)
+    assert not parts.exists()
+    del original
+
+
+def test_pca_picture(images, weights, tmp_path):
+    path, _ = weights
+    out = tmp_path / "pca.png"
+    files = sorted(images.rglob("*.png"))[:3]
+    assert run(["pca", *files, "-o", out, "--model", path, "--weights", path, "--size", "112"]) == 0
+    pic = Image.open(out)
+    assert pic.size == (3 * 224, 2 * 224)
+    bottom = np.asarray(pic)[224:]
+    assert bottom.std() > 0  # colours, not a blank canvas
+
+
+def test_offline_download_error_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DINOLLAMA_HOME", str(tmp_path))
+    monkeypatch.setenv("DINOLLAMA_OFFLINE", "1")
+    assert run(["download", "dinov2_vits14"]) == 2
+    err = capsys.readouterr().err
+    assert "dinov2_vits14_pretrain.pth" in err and "Traceback" not in err
+
+
+def test_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "dinollama.cli.main", "--help"], capture_output=True, text=True)
+    for cmd in ("embed", "pca", "classify", "convert", "download", "demo"):
+        assert cmd in out.stdout
+
+
+def test_torch_hub_local_entry_points(tmp_path, monkeypatch):
+    monkeypatch.setenv("DINOLLAMA_HOME", str(tmp_path))
+    model = small("dinov2_vits14", depth=12)
+    torch.save(model.state_dict(), tmp_path / "dinov2_vits14_pretrain.pth")
+    hub = torch.hub.load(str(ROOT), "dinov2_vits14", source="local")
+    x = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.allclose(hub(x), model(x), atol=1e-5)
+    entries = [n for n in dir(__import__("importlib").import_module("hubconf")) if n.startswith("dinov2_")]
+    assert {"dinov2_vitg14_reg", "dinov2_vitl14_lc"} <= set(entries)
+    assert default_transform(hub).crop_size == 224
+    assert json.loads(json.dumps(hub.cfg.to_dict()))["embed_dim"] == 384
