@@ -136,3 +136,18 @@ def test_torch_hub_local_entry_points(tmp_path, monkeypatch):
     assert {"dinov2_vitg14_reg", "dinov2_vitl14_lc"} <= set(entries)
     assert default_transform(hub).crop_size == 224
     assert json.loads(json.dumps(hub.cfg.to_dict()))["embed_dim"] == 384
+
+
+def test_embed_under_torchrun_shards_inputs(images, weights, tmp_path):
+    """Two gloo processes split the inputs; the merged file equals a single-process run."""
+    path, _ = weights
+    args = [str(images), "--model", str(path), "--weights", str(path), "--image-size", "56", "--workers", "0", "--quiet"]
+    assert run(["embed", *args, "-o", tmp_path / "one.safetensors"]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "dinollama.cli.main", "embed", *args, "-o", str(tmp_path / "two.safetensors")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one, two = read_features(tmp_path / "one.safetensors"), read_features(tmp_path / "two.safetensors")
+    assert one.paths == two.paths
+    assert torch.allclose(one.cls, two.cls, atol=1e-5)
+    assert list(two.failed) == list(one.failed)
