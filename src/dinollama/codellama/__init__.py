@@ -1,0 +1,27 @@
+"""Code Llama: the Llama 2 architecture, official/HF checkpoints, tokenizer, generation, infilling, chat."""
+
+from .checkpoint import load, merge_shards, save_hf, save_native, split_shards
+from .generation import Generator, SamplingParams, generate, sample
+from .model import PRESETS, ModelArgs, Transformer, build
+from .prompts import chat_prompt_tokens, infilling_prompt_tokens
+from .tokenizer import InfillingNotSupported, Tokenizer
+
+__all__ = [
+    "PRESETS",
+    "Generator",
+    "InfillingNotSupported",
+    "ModelArgs",
+    "SamplingParams",
+    "Tokenizer",
+    "Transformer",
+    "build",
+    "chat_prompt_tokens",
+    "generate",
+    "infilling_prompt_tokens",
+    "load",
+    "merge_shards",
+    "sample",
+    "save_hf",
+    "save_native",
+    "split_shards",
+]
