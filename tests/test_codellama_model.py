@@ -135,3 +135,28 @@ def test_official_folder_mismatch_is_explained(setup, tmp_path):
 
     with pytest.raises(CheckpointError, match="missing: .*layers.2"):
         load(folder)
+
+
+def test_cli_complete_infill_chat(setup, tmp_path, capsys, monkeypatch):
+    from dinollama.cli.main import main
+
+    model, tok, _, _ = setup
+    folder = save_native(model, tmp_path / "m", tok)
+    common = ["--model", str(folder), "--dtype", "fp32", "--max-gen-len", "5"]
+    assert main(["complete", "def add(a, b):", *common]) == 0
+    out = capsys.readouterr().out
+    gen = Generator(model, tok)
+    ids, _ = gen.generate([tok.encode("def add(a, b):", True, False)], SamplingParams(max_gen_len=5))
+    assert out == "def add(a, b):" + tok.decode(ids[0]) + "\n"
+    src = tmp_path / "f.py"
+    src.write_text("def f(x):\n    <FILL_ME>\n    return y\n")
+    assert main(["infill", str(src), *common, "--whole"]) == 0
+    whole = capsys.readouterr().out
+    assert whole.startswith("def f(x):\n    ") and whole.endswith("\n    return y\n")
+    src.write_text("no marker")
+    assert main(["infill", str(src), *common]) == 2
+    assert "needs exactly one <FILL_ME>" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("hello\n[INST]\n\n"))
+    assert main(["chat", *common]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("assistant> ") == 1 and "special tags" in captured.err
