@@ -160,3 +160,15 @@ def test_cli_complete_infill_chat(setup, tmp_path, capsys, monkeypatch):
     assert main(["chat", *common]) == 0
     captured = capsys.readouterr()
     assert captured.out.count("assistant> ") == 1 and "special tags" in captured.err
+
+
+def test_bf16_cast_keeps_fp32_rotary(setup):
+    model = randomized()
+    tokens = torch.randint(3, 32016, (1, 50), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model.forward_train(tokens).float()
+        model.to(torch.bfloat16)
+        assert model.freqs_cis.dtype == torch.complex64
+        got = model(tokens)
+    assert got.dtype == torch.float32
+    assert (got - ref).abs().max() < 0.15 * ref.abs().max()

@@ -27,9 +27,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _generator(args):
-    from ..codellama import Generator, SamplingParams, load
+    from ..codellama import Generator, SamplingParams, load, optimize_for_inference
 
     model, tokenizer = load(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    optimize_for_inference(model)
     if tokenizer is None:
         raise FileNotFoundError(f"{args.model}/tokenizer.model: the model folder needs its tokenizer")
     params = SamplingParams(max_gen_len=args.max_gen_len, temperature=args.temperature, top_p=args.top_p,

@@ -1,6 +1,7 @@
 """Code Llama: the Llama 2 architecture, official/HF checkpoints, tokenizer, generation, infilling, chat."""
 
 from .checkpoint import load, merge_shards, save_hf, save_native, split_shards
+from .fast import optimize_for_inference
 from .generation import Generator, SamplingParams, generate, sample
 from .model import PRESETS, ModelArgs, Transformer, build
 from .prompts import chat_prompt_tokens, infilling_prompt_tokens
@@ -19,6 +20,7 @@ __all__ = [
     "generate",
     "infilling_prompt_tokens",
     "load",
+    "optimize_for_inference",
     "merge_shards",
     "sample",
     "save_hf",
