@@ -47,8 +47,18 @@ def merge_shards(shards: list[dict[str, Tensor]], dtype: torch.dtype | None = No
             continue
         dim = shard_dim(key)
         parts = [s[key] for s in shards]
-        t = parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
-        out[key] = t.to(dtype) if dtype is not None else t
+        target = dtype or parts[0].dtype
+        if dim is None or len(parts) == 1:
+            out[key] = parts[0].to(target)
+            continue
+        # Copy each shard straight into a tensor of the target dtype: no full-size temporaries.
+        shape = list(parts[0].shape)
+        shape[dim] = sum(p.shape[dim] for p in parts)
+        merged, offset = torch.empty(shape, dtype=target), 0
+        for part in parts:
+            merged.narrow(dim, offset, part.shape[dim]).copy_(part)
+            offset += part.shape[dim]
+        out[key] = merged
     return out
 
 
@@ -140,6 +150,7 @@ def load_hf(folder: Path, dtype=None, device=None, **overrides) -> Transformer:
             sd[k] = v  # reported as unexpected
             continue
         name = _HF_NAMES[m.group(2)]
+        v = v.to(dtype) if dtype is not None else v  # cast first: the un-permute copy is then smaller
         if name == "attention.wq":
             v = _unpermute(v, args.n_heads)
         elif name == "attention.wk":
