@@ -172,3 +172,16 @@ def test_bf16_cast_keeps_fp32_rotary(setup):
         got = model(tokens)
     assert got.dtype == torch.float32
     assert (got - ref).abs().max() < 0.15 * ref.abs().max()
+
+
+def test_optimize_for_inference_keeps_logits():
+    from dinollama.codellama import optimize_for_inference
+
+    model = randomized()
+    fast = optimize_for_inference(randomized())
+    tokens = torch.randint(3, 32016, (2, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model(tokens)
+        got = fast(tokens)
+        step_ref, step_got = model(tokens[:, :1], 30), fast(tokens[:, :1], 30)
+    assert (got - ref).abs().max() <= 1e-4 and (step_got - step_ref).abs().max() <= 1e-4

@@ -101,12 +101,17 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, self.n_kv * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.cache: KVCache | None = None
+        self.wqkv: nn.Module | None = None
 
     def forward(self, x: Tensor, freqs_cis: Tensor, start_pos: int, mask: Tensor | None) -> Tensor:
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.wk(x).view(b, t, self.n_kv, self.head_dim)
-        v = self.wv(x).view(b, t, self.n_kv, self.head_dim)
+        if self.wqkv is not None:  # fused by optimize_for_inference: one projection instead of three
+            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2, dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv, self.head_dim)
+        v = v.view(b, t, self.n_kv, self.head_dim)
         q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.cache is not None:
