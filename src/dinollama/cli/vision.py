@@ -138,7 +138,7 @@ def cmd_classify(args) -> int:
 def cmd_convert(args) -> int:
     from ..dinov2 import load, save
 
-    model = load(args.checkpoint, weights=None) if Path(args.checkpoint).exists() else load(args.checkpoint)
+    model = load(args.checkpoint)  # a path (architecture inferred) or a hub name with official weights
     out = save(model, args.output, format=args.format)
     print(f"wrote {out} ({args.format})")
     return 0
