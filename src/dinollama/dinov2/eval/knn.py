@@ -1,0 +1,61 @@
+"""The DINOv2 k-NN classifier: cosine similarity, top-k neighbours weighted by softmax(sim / T)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def knn_topk(train: Tensor, test: Tensor, k: int, test_chunk: int = 4096, train_chunk: int = 65536) -> tuple[Tensor, Tensor]:
+    """Top-``k`` cosine similarities and train indices per test row, in bounded memory.
+
+    Both sets are L2-normalised here; the similarity matrix is never held whole: a running top-k is
+    merged over train chunks, so 1M x 50k features need ``test_chunk x (train_chunk + k)`` floats.
+    """
+    train, test = F.normalize(train.float(), dim=1), F.normalize(test.float(), dim=1)
+    k = min(k, len(train))
+    sims_out, idx_out = [], []
+    for t0 in range(0, len(test), test_chunk):
+        q = test[t0 : t0 + test_chunk]
+        best_s = q.new_full((len(q), 0), float("-inf"))
+        best_i = torch.zeros(len(q), 0, dtype=torch.long, device=q.device)
+        for r0 in range(0, len(train), train_chunk):
+            s = q @ train[r0 : r0 + train_chunk].T
+            cand_s = torch.cat([best_s, s], dim=1)
+            cand_i = torch.cat([best_i, torch.arange(r0, r0 + s.shape[1], device=q.device).expand(len(q), -1)], dim=1)
+            best_s, pos = cand_s.topk(min(k, cand_s.shape[1]), dim=1)
+            best_i = cand_i.gather(1, pos)
+        sims_out.append(best_s)
+        idx_out.append(best_i)
+    return torch.cat(sims_out), torch.cat(idx_out)
+
+
+def knn_predict(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    ks: Sequence[int] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    test_chunk: int = 4096,
+) -> dict[int, Tensor]:
+    """Predicted labels per ``k``, as the official ``KnnModule``.
+
+    Vote weights are ``softmax(topk_sims / T)`` over the ``max(ks)`` nearest neighbours; the
+    prediction for ``k`` sums the weights of the first ``k`` of them per class and takes the argmax.
+    """
+    labels = train_labels.long()
+    c = num_classes or int(labels.max()) + 1
+    max_k = min(max(ks), len(train_features))
+    out: dict[int, list[Tensor]] = {k: [] for k in ks}
+    for t0 in range(0, len(test_features), test_chunk):
+        sims, idx = knn_topk(train_features, test_features[t0 : t0 + test_chunk], max_k, test_chunk)
+        weights = (sims / temperature).softmax(dim=1)
+        votes = F.one_hot(labels[idx], c).float() * weights.unsqueeze(-1)
+        cumulative = votes.cumsum(dim=1)
+        for k in ks:
+            out[k].append(cumulative[:, min(k, max_k) - 1].argmax(dim=1))
+    return {k: torch.cat(v) for k, v in out.items()}
