@@ -76,3 +76,26 @@ def test_revisited_setups():
     assert r["hard"]["mAP"] == pytest.approx(1.0)
     empty = retrieval_map(ranks, [{"easy": [], "hard": [], "junk": []}])
     assert np.isnan(empty["easy"]["mAP"]) and empty["easy"]["queries"] == 0
+
+
+def test_logreg_selects_c_on_holdout_and_matches_sklearn():
+    from sklearn.linear_model import LogisticRegression
+
+    from dinollama.dinov2.eval import C_GRID, train_logreg
+
+    assert len(C_GRID) == 45 and C_GRID[0] == pytest.approx(1e-6) and C_GRID[-1] == pytest.approx(1e5)
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(4, 10)) * 2
+    y = rng.integers(0, 4, 400)
+    x = centers[y] + rng.normal(size=(400, 10))
+    grid = C_GRID[::8]
+    res = train_logreg(x, y, c_grid=grid)
+    perm = np.random.default_rng(0).permutation(400)
+    val, fit = perm[:40], perm[40:]
+    expected = {c: (LogisticRegression(C=c, max_iter=1000, tol=1e-12).fit(x[fit], y[fit]).predict(x[val]) == y[val]).mean()
+                for c in grid}
+    assert res.holdout_accuracy == pytest.approx(expected)
+    assert res.holdout_accuracy[res.C] == max(expected.values())
+    ref = LogisticRegression(C=res.C, max_iter=1000, tol=1e-12).fit(x, y)
+    assert np.array_equal(res.predict(x), ref.predict(x))
+    assert (res.predict(x) == y).mean() > 0.9
