@@ -9,13 +9,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def knn_topk(train: Tensor, test: Tensor, k: int, test_chunk: int = 4096, train_chunk: int = 65536) -> tuple[Tensor, Tensor]:
+def knn_topk(train: Tensor, test: Tensor, k: int, test_chunk: int = 1024, train_chunk: int = 65536) -> tuple[Tensor, Tensor]:
     """Top-``k`` cosine similarities and train indices per test row, in bounded memory.
 
     Both sets are L2-normalised here; the similarity matrix is never held whole: a running top-k is
-    merged over train chunks, so 1M x 50k features need ``test_chunk x (train_chunk + k)`` floats.
+    merged over train chunks, so 1M x 50k features need about ``test_chunk x train_chunk`` floats
+    beyond the inputs.
     """
-    train, test = F.normalize(train.float(), dim=1), F.normalize(test.float(), dim=1)
+    test = F.normalize(test.float(), dim=1)
     k = min(k, len(train))
     sims_out, idx_out = [], []
     for t0 in range(0, len(test), test_chunk):
@@ -23,9 +24,11 @@ def knn_topk(train: Tensor, test: Tensor, k: int, test_chunk: int = 4096, train_
         best_s = q.new_full((len(q), 0), float("-inf"))
         best_i = torch.zeros(len(q), 0, dtype=torch.long, device=q.device)
         for r0 in range(0, len(train), train_chunk):
-            s = q @ train[r0 : r0 + train_chunk].T
-            cand_s = torch.cat([best_s, s], dim=1)
-            cand_i = torch.cat([best_i, torch.arange(r0, r0 + s.shape[1], device=q.device).expand(len(q), -1)], dim=1)
+            # Normalised chunk by chunk (no full copy of train); each chunk's own top-k is merged
+            # into the running one, so only (len(q), 2k) candidates are ever sorted together.
+            s = q @ F.normalize(train[r0 : r0 + train_chunk].float(), dim=1).T
+            s_top, i_top = s.topk(min(k, s.shape[1]), dim=1)
+            cand_s, cand_i = torch.cat([best_s, s_top], dim=1), torch.cat([best_i, i_top + r0], dim=1)
             best_s, pos = cand_s.topk(min(k, cand_s.shape[1]), dim=1)
             best_i = cand_i.gather(1, pos)
         sims_out.append(best_s)
@@ -40,7 +43,7 @@ def knn_predict(
     ks: Sequence[int] = (10, 20, 100, 200),
     temperature: float = 0.07,
     num_classes: int | None = None,
-    test_chunk: int = 4096,
+    test_chunk: int = 1024,
 ) -> dict[int, Tensor]:
     """Predicted labels per ``k``, as the official ``KnnModule``.
 
@@ -54,8 +57,9 @@ def knn_predict(
     for t0 in range(0, len(test_features), test_chunk):
         sims, idx = knn_topk(train_features, test_features[t0 : t0 + test_chunk], max_k, test_chunk)
         weights = (sims / temperature).softmax(dim=1)
-        votes = F.one_hot(labels[idx], c).float() * weights.unsqueeze(-1)
-        cumulative = votes.cumsum(dim=1)
+        neighbour_labels = labels[idx]
         for k in ks:
-            out[k].append(cumulative[:, min(k, max_k) - 1].argmax(dim=1))
+            kk = min(k, max_k)
+            votes = weights.new_zeros(len(weights), c).scatter_add_(1, neighbour_labels[:, :kk], weights[:, :kk])
+            out[k].append(votes.argmax(dim=1))
     return {k: torch.cat(v) for k, v in out.items()}
