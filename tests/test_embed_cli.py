@@ -148,3 +148,37 @@ def test_embed_under_torchrun_shards_inputs(images, weights, tmp_path):
     assert one.paths == two.paths
     assert torch.allclose(one.cls, two.cls, atol=1e-5)
     assert list(two.failed) == list(one.failed)
+
+
+def test_eval_knn_and_logreg_end_to_end_on_real_images(tmp_path, capsys):
+    """Committed Fashion-MNIST images -> image folders -> eval knn / logreg through the CLI."""
+    from dinollama.cli.demo import _write_folder
+    from dinollama.data.mnist import load_fashion_mnist
+    from dinollama.dinov2.eval import knn_predict
+
+    xtr, ytr = load_fashion_mnist("train", "mini")
+    xte, yte = load_fashion_mnist("test", "mini")
+    _write_folder(xtr[:200], ytr[:200], tmp_path / "train")
+    _write_folder(xte[:60], yte[:60], tmp_path / "test")
+    model = small("dinov2_vits14", depth=1)
+    weights = save(model, tmp_path / "m.safetensors")
+    common = ["--model", weights, "--weights", weights, "--image-size", "28", "--workers", "0"]
+    for split in ("train", "test"):
+        assert run(["embed", tmp_path / split, "-o", tmp_path / f"{split}.safetensors", *common, "--quiet"]) == 0
+    report = tmp_path / "knn.json"
+    # train from a feature file, test straight from the image folder (embedded on the fly)
+    assert run(["eval", "knn", "--train", tmp_path / "train.safetensors", "--test", tmp_path / "test",
+                "--ks", "1", "20", "--report", report, *common]) == 0
+    result = json.loads(report.read_text())
+    assert (result["n_train"], result["n_test"], result["n_classes"]) == (200, 60, 10)
+    assert "20-NN" in capsys.readouterr().out
+    tr, te = read_features(tmp_path / "train.safetensors"), read_features(tmp_path / "test.safetensors")
+    classes = sorted({Path(p).parent.name for p in tr.paths})
+    label = lambda paths: torch.tensor([classes.index(Path(p).parent.name) for p in paths])  # noqa: E731
+    preds = knn_predict(tr.cls, label(tr.paths), te.cls, ks=(1, 20), num_classes=10)
+    for k in (1, 20):
+        assert result["top1"][f"{k}-NN"] == pytest.approx((preds[k] == label(te.paths)).float().mean().item())
+    assert run(["eval", "logreg", "--train", tmp_path / "train.safetensors", "--test", tmp_path / "test.safetensors",
+                "--report", tmp_path / "lr.json", *common]) == 0
+    lr = json.loads((tmp_path / "lr.json").read_text())
+    assert lr["protocol"] == "logreg" and 0.0 <= next(iter(lr["top1"].values())) <= 1.0

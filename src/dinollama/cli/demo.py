@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -20,17 +21,9 @@ def _write_folder(images: np.ndarray, labels: np.ndarray, root: Path) -> None:
         Image.fromarray(img).save(folder / f"{i:05d}.png")
 
 
-def knn_accuracy(train: torch.Tensor, ytrain: torch.Tensor, test: torch.Tensor, ytest: torch.Tensor, k: int = 20) -> float:
-    """Cosine k-NN top-1 with the DINO vote weights exp(sim / 0.07)."""
-    train, test = torch.nn.functional.normalize(train, dim=1), torch.nn.functional.normalize(test, dim=1)
-    sims, idx = (test @ train.T).topk(k, dim=1)
-    votes = torch.zeros(len(test), int(ytrain.max()) + 1).scatter_add_(1, ytrain[idx], (sims / 0.07).exp())
-    return (votes.argmax(1) == ytest).float().mean().item()
-
-
 def cmd_demo(args) -> int:
     from ..data.mnist import load_fashion_mnist
-    from ..dinov2.embed import read_features
+    from ..dinov2.eval import knn_predict
     from ..io import cache_dir
     from .main import main as cli
 
@@ -48,14 +41,15 @@ def cmd_demo(args) -> int:
     for split in ("train", "test"):
         if cli(["embed", str(out / split), "-o", str(out / f"{split}.safetensors"), *common]) != 0:
             return 1
-    ftr, fte = read_features(out / "train.safetensors"), read_features(out / "test.safetensors")
-    label_of = {name: i for i, name in enumerate(sorted({Path(p).parent.name for p in ftr.paths}))}
-    ltr = torch.tensor([label_of[Path(p).parent.name] for p in ftr.paths])
-    lte = torch.tensor([label_of[Path(p).parent.name] for p in fte.paths])
-    acc = knn_accuracy(ftr.cls, ltr, fte.cls, lte)
-    raw = knn_accuracy(torch.tensor(xtr.reshape(len(xtr), -1), dtype=torch.float32), torch.tensor(ytr),
-                       torch.tensor(xte.reshape(len(xte), -1), dtype=torch.float32), torch.tensor(yte))
-    print(f"[2/3] 20-NN top-1 on {len(xte)} test images: features {acc:.3f} | raw pixels {raw:.3f}")
+    report = out / "knn.json"
+    if cli(["eval", "knn", "--train", str(out / "train.safetensors"), "--test", str(out / "test.safetensors"),
+            "--ks", "20", "--report", str(report)]) != 0:
+        return 1
+    acc = json.loads(report.read_text())["top1"]["20-NN"]
+    raw = knn_predict(torch.tensor(xtr.reshape(len(xtr), -1), dtype=torch.float32), torch.tensor(ytr),
+                      torch.tensor(xte.reshape(len(xte), -1), dtype=torch.float32), ks=(20,))[20]
+    raw_acc = (raw == torch.tensor(yte)).float().mean().item()
+    print(f"[2/3] 20-NN top-1 on {len(xte)} test images: features {acc:.3f} | raw pixels {raw_acc:.3f}")
     picks = sorted((out / "test").rglob("*.png"))[:: max(1, len(xte) // 4)][:4]
     cli(["pca", *map(str, picks), "-o", str(out / "pca.png"), "--model", "dinov2_vits14", "--weights", weights,
          "--size", "224"])

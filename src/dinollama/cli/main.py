@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import code, demo, vision
+from . import code, demo, evaluate, vision
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     vision.register(sub)
     code.register(sub)
+    evaluate.register(sub)
     demo.register(sub)
     return parser
 
