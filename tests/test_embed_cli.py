@@ -182,3 +182,11 @@ def test_eval_knn_and_logreg_end_to_end_on_real_images(tmp_path, capsys):
                 "--report", tmp_path / "lr.json", *common]) == 0
     lr = json.loads((tmp_path / "lr.json").read_text())
     assert lr["protocol"] == "logreg" and 0.0 <= next(iter(lr["top1"].values())) <= 1.0
+
+
+def test_random_weights_are_the_same_network_every_run(tmp_path):
+    from dinollama.cli.vision import load_model
+
+    args = __import__("argparse").Namespace(model="dinov2_vits14", weights="random", device="cpu")
+    a, b = load_model(args), load_model(args)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

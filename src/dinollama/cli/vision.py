@@ -18,7 +18,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def add_model_args(p: argparse.ArgumentParser, default: str = "dinov2_vits14") -> None:
     p.add_argument("--model", default=default, help=f"hub name (dinov2_vit{{s,b,l,g}}14[_reg]) or a checkpoint path (default {default})")
     p.add_argument("--weights", default="official",
-                   help="'official' (download/cache), 'random', or a checkpoint path in any supported format")
+                   help="'official' (download/cache), 'random' (seed 0), or a checkpoint path in any supported format")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -27,7 +27,9 @@ def load_model(args) -> torch.nn.Module:
 
     weights = None if args.weights == "random" else args.weights
     if args.weights == "random":
-        print(f"note: {args.model} with random weights (features are not meaningful)", file=sys.stderr)
+        # Seeded, so that separate runs (e.g. train and test embeddings) share one random network.
+        torch.manual_seed(0)
+        print(f"note: {args.model} with random weights (seed 0; a baseline, not a trained model)", file=sys.stderr)
     return load(args.model, weights=weights, device=args.device)
 
 
