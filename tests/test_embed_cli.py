@@ -180,6 +180,10 @@ def test_eval_knn_and_logreg_end_to_end_on_real_images(tmp_path, capsys):
         assert result["top1"][f"{k}-NN"] == pytest.approx((preds[k] == label(te.paths)).float().mean().item())
     assert run(["eval", "logreg", "--train", tmp_path / "train.safetensors", "--test", tmp_path / "test.safetensors",
                 "--report", tmp_path / "lr.json", *common]) == 0
+    assert run(["eval", "knn", "--train", tmp_path / "train.safetensors", "--test", tmp_path / "test.safetensors",
+                "--ks", "10", "--n-per-class", "5", "--n-tries", "3", "--report", tmp_path / "fs.json"]) == 0
+    few = json.loads((tmp_path / "fs.json").read_text())
+    assert len(few["top1_per_try"]["10-NN"]) == 3 and few["n_per_class"] == 5 and "10-NN" in few["top5"]
     lr = json.loads((tmp_path / "lr.json").read_text())
     assert lr["protocol"] == "logreg" and 0.0 <= next(iter(lr["top1"].values())) <= 1.0
 

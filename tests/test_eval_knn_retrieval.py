@@ -99,3 +99,20 @@ def test_logreg_selects_c_on_holdout_and_matches_sklearn():
     ref = LogisticRegression(C=res.C, max_iter=1000, tol=1e-12).fit(x, y)
     assert np.array_equal(res.predict(x), ref.predict(x))
     assert (res.predict(x) == y).mean() > 0.9
+
+
+def test_top5_and_few_shot():
+    from dinollama.dinov2.eval import few_shot_indices, knn_votes, topk_accuracy
+
+    votes = torch.tensor([[0.1, 0.5, 0.2, 0.01, 0.02, 0.03, 0.3], [0.9, 0.0, 0.05, 0.01, 0.02, 0.03, 0.1]])
+    labels = torch.tensor([0, 3])
+    assert topk_accuracy(votes, labels, 1) == 0.0
+    assert topk_accuracy(votes, labels, 5) == 0.5  # row 0: class 0 ranks 4th; row 1: class 3 ranks 6th
+    y = torch.tensor([0] * 10 + [1] * 3 + [2] * 7)
+    idx = few_shot_indices(y, 5, seed=0)
+    assert torch.bincount(y[idx]).tolist() == [5, 3, 5]
+    assert torch.equal(idx, few_shot_indices(y, 5, seed=0)) and not torch.equal(idx, few_shot_indices(y, 5, seed=1))
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.randn(100, 8, generator=g), torch.randn(10, 8, generator=g)
+    v = knn_votes(train, torch.randint(0, 4, (100,), generator=g), test, ks=(5, 20))
+    assert v[5].shape == (10, 4) and torch.allclose(v[20].sum(1), torch.ones(10) * v[20].sum(1)[0], atol=1e-5)

@@ -46,19 +46,31 @@ def _report(args, result: dict) -> int:
     width = max(len(str(k)) for k in rows)
     print(f"{result['protocol']} on {result['n_test']} test / {result['n_train']} train images, {result['n_classes']} classes")
     for k, acc in rows.items():
-        print(f"  {str(k):<{width}}  top-1 {acc:.4f}")
+        top5 = f"  top-5 {result['top5'][k]:.4f}" if "top5" in result else ""
+        print(f"  {str(k):<{width}}  top-1 {acc:.4f}{top5}")
     return 0
 
 
 def cmd_knn(args) -> int:
-    from ..dinov2.eval import knn_predict
+    from ..dinov2.eval import few_shot_indices, knn_votes, topk_accuracy
 
     xtr, ytr, classes = labelled_features(args.train, args)
     xte, yte, _ = labelled_features(args.test, args, classes)
-    preds = knn_predict(xtr, ytr, xte, ks=tuple(args.ks), temperature=args.temperature, num_classes=len(classes))
-    top1 = {f"{k}-NN": float((p == yte).float().mean()) for k, p in preds.items()}
-    return _report(args, {"protocol": "knn", "temperature": args.temperature, "n_train": len(xtr), "n_test": len(xte),
-                          "n_classes": len(classes), "top1": top1})
+    tries = [None] if args.n_per_class is None else [few_shot_indices(ytr, args.n_per_class, s) for s in range(args.n_tries)]
+    top1: dict[str, list[float]] = {}
+    top5: dict[str, list[float]] = {}
+    for subset in tries:
+        xs, ys = (xtr, ytr) if subset is None else (xtr[subset], ytr[subset])
+        votes = knn_votes(xs, ys, xte, ks=tuple(args.ks), temperature=args.temperature, num_classes=len(classes))
+        for k, v in votes.items():
+            top1.setdefault(f"{k}-NN", []).append(topk_accuracy(v, yte, 1))
+            top5.setdefault(f"{k}-NN", []).append(topk_accuracy(v, yte, 5))
+    mean = lambda d: {k: sum(v) / len(v) for k, v in d.items()}  # noqa: E731
+    result = {"protocol": "knn", "temperature": args.temperature, "n_train": len(xtr), "n_test": len(xte),
+              "n_classes": len(classes), "top1": mean(top1), "top5": mean(top5)}
+    if args.n_per_class is not None:
+        result.update(n_per_class=args.n_per_class, n_tries=args.n_tries, top1_per_try=top1)
+    return _report(args, result)
 
 
 def cmd_logreg(args) -> int:
@@ -89,6 +101,8 @@ def register(sub) -> None:
         if name == "knn":
             q.add_argument("--ks", type=int, nargs="+", default=[10, 20, 100, 200])
             q.add_argument("--temperature", type=float, default=0.07)
+            q.add_argument("--n-per-class", type=int, default=None, help="few-shot: training images per class")
+            q.add_argument("--n-tries", type=int, default=1, help="few-shot: random draws averaged (seeds 0..n-1)")
         else:
             q.add_argument("--max-iter", type=int, default=1000)
         q.set_defaults(func=func)

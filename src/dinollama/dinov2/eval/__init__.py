@@ -1,7 +1,8 @@
 """Evaluation protocols on frozen features (k-NN and retrieval so far)."""
 
-from .knn import knn_predict, knn_topk
+from .knn import few_shot_indices, knn_predict, knn_topk, knn_votes, topk_accuracy
 from .logreg import C_GRID, train_logreg
 from .retrieval import retrieval_map
 
-__all__ = ["C_GRID", "knn_predict", "knn_topk", "retrieval_map", "train_logreg"]
+__all__ = ["C_GRID", "few_shot_indices", "knn_predict", "knn_topk", "knn_votes", "retrieval_map", "topk_accuracy",
+           "train_logreg"]

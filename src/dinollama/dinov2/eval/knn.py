@@ -36,7 +36,7 @@ def knn_topk(train: Tensor, test: Tensor, k: int, test_chunk: int = 1024, train_
     return torch.cat(sims_out), torch.cat(idx_out)
 
 
-def knn_predict(
+def knn_votes(
     train_features: Tensor,
     train_labels: Tensor,
     test_features: Tensor,
@@ -45,10 +45,10 @@ def knn_predict(
     num_classes: int | None = None,
     test_chunk: int = 1024,
 ) -> dict[int, Tensor]:
-    """Predicted labels per ``k``, as the official ``KnnModule``.
+    """Class votes ``(n_test, C)`` per ``k``, as the official ``KnnModule``.
 
-    Vote weights are ``softmax(topk_sims / T)`` over the ``max(ks)`` nearest neighbours; the
-    prediction for ``k`` sums the weights of the first ``k`` of them per class and takes the argmax.
+    Vote weights are ``softmax(topk_sims / T)`` over the ``max(ks)`` nearest neighbours; the votes
+    for ``k`` sum the weights of the first ``k`` of them per class.
     """
     labels = train_labels.long()
     c = num_classes or int(labels.max()) + 1
@@ -60,6 +60,35 @@ def knn_predict(
         neighbour_labels = labels[idx]
         for k in ks:
             kk = min(k, max_k)
-            votes = weights.new_zeros(len(weights), c).scatter_add_(1, neighbour_labels[:, :kk], weights[:, :kk])
-            out[k].append(votes.argmax(dim=1))
+            out[k].append(weights.new_zeros(len(weights), c).scatter_add_(1, neighbour_labels[:, :kk], weights[:, :kk]))
     return {k: torch.cat(v) for k, v in out.items()}
+
+
+def knn_predict(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    ks: Sequence[int] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    test_chunk: int = 1024,
+) -> dict[int, Tensor]:
+    """Predicted labels per ``k``: the argmax of :func:`knn_votes`."""
+    votes = knn_votes(train_features, train_labels, test_features, ks, temperature, num_classes, test_chunk)
+    return {k: v.argmax(dim=1) for k, v in votes.items()}
+
+
+def topk_accuracy(votes: Tensor, labels: Tensor, k: int = 5) -> float:
+    """Share of rows whose true label is among the ``k`` highest votes."""
+    top = votes.topk(min(k, votes.shape[1]), dim=1).indices
+    return (top == labels.view(-1, 1)).any(dim=1).float().mean().item()
+
+
+def few_shot_indices(labels: Tensor, n_per_class: int, seed: int) -> Tensor:
+    """``n_per_class`` random training indices of every class (all of a smaller class), as a sorted index."""
+    g = torch.Generator().manual_seed(seed)
+    picks = []
+    for c in labels.unique():
+        members = torch.nonzero(labels == c).flatten()
+        picks.append(members[torch.randperm(len(members), generator=g)[:n_per_class]])
+    return torch.cat(picks).sort().values
