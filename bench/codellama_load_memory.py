@@ -16,8 +16,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 CHILD = r"""
 import sys, threading, time, torch, json
 from dinollama.codellama import load

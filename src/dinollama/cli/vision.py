@@ -82,7 +82,7 @@ def cmd_embed(args) -> int:
         written = write_features(result, out, args.model)
         shutil.rmtree(parts)
         print(f"{len(result.paths)} images -> {', '.join(map(str, written))}; {len(result.failed)} failed")
-        for path, msg in result.failed.items():
+        for msg in result.failed.values():
             print(f"  failed: {msg}", file=sys.stderr)
     if world > 1:
         torch.distributed.destroy_process_group()

@@ -160,7 +160,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         # Complex fp32 rotations kept out of the buffers: Module.to(dtype) would cast them to real.
         self.freqs_cis = self._freqs(args.max_seq_len * 2)
-        self.max_batch = 0
+        self.max_batch = self.cache_len = 0
 
     def _freqs(self, n: int) -> Tensor:
         return precompute_freqs_cis(self.params.head_dim, n, self.params.rope_theta)
@@ -179,7 +179,7 @@ class Transformer(nn.Module):
     def clear_cache(self) -> None:
         for layer in self.layers:
             layer.attention.cache = None
-        self.max_batch = 0
+        self.max_batch = self.cache_len = 0
 
     def _hidden(self, tokens: Tensor, start_pos: int, mask: Tensor | None) -> Tensor:
         h = self.tok_embeddings(tokens)
@@ -193,7 +193,7 @@ class Transformer(nn.Module):
     def forward(self, tokens: Tensor, start_pos: int = 0) -> Tensor:
         """Logits for ``tokens`` placed at ``start_pos`` of the cached sequence (float32, as the reference)."""
         b, t = tokens.shape
-        if self.max_batch < b or start_pos + t > getattr(self, "cache_len", 0):
+        if self.max_batch < b or start_pos + t > self.cache_len:
             if start_pos:
                 raise ValueError(f"no KV cache holds positions {start_pos}..{start_pos + t}; call setup_cache first")
             # An implicit cache covers the prompt and room to continue, not the whole context.
@@ -207,7 +207,7 @@ class Transformer(nn.Module):
         """Cache-free causal forward for training; logits in the compute dtype."""
         if any(layer.attention.cache is not None for layer in self.layers):
             self.clear_cache()
-        b, t = tokens.shape
+        t = tokens.shape[1]
         if t > self.freqs_cis.shape[0]:
             self.freqs_cis = self._freqs(t).to(tokens.device)
         return self.output(self._hidden(tokens, 0, None))

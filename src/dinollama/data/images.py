@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -69,8 +70,6 @@ def list_images(source: str | os.PathLike) -> list[Path]:
         if not line or line.startswith("#"):
             continue
         if source.suffix == ".jsonl":
-            import json
-
             line = json.loads(line)["path"]
         elif source.suffix == ".csv":
             line = line.split(",")[0]

@@ -1,6 +1,7 @@
 """DINOv2 vision backbones: models, official weights, preprocessing, feature extraction."""
 
 from .convert import detect_format, infer_config, to_hf, to_official
+from .fast import optimize_for_inference
 from .hub import BACKBONES, CLASSIFIERS, LinearClassifier, build, imagenet_classes, load, load_weights, save, weight_url
 from .model import ARCHS, DinoVisionTransformer, ViTConfig, build_vit, fit_to_patches
 from .transforms import EvalTransform, default_transform, make_eval_transform
@@ -23,9 +24,9 @@ __all__ = [
     "load",
     "load_weights",
     "make_eval_transform",
+    "optimize_for_inference",
     "save",
     "to_hf",
     "to_official",
     "weight_url",
 ]
-from .fast import optimize_for_inference
