@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,6 @@ def _write_folder(images: np.ndarray, labels: np.ndarray, root: Path) -> None:
 def cmd_demo(args) -> int:
     from ..data.mnist import load_fashion_mnist
     from ..dinov2.eval import knn_predict
-    from ..io import cache_dir
     from .main import main as cli
 
     out = Path(args.out)
@@ -34,10 +32,9 @@ def cmd_demo(args) -> int:
     for split, (x, y) in {"train": (xtr, ytr), "test": (xte, yte)}.items():
         if not (out / split).exists():
             _write_folder(x, y, out / split)
-    weights = "official" if (cache_dir() / "dinov2_vits14_pretrain.pth").exists() else "random"
-    print(f"[1/3] embedding {len(xtr)} + {len(xte)} real Fashion-MNIST images with dinov2_vits14 ({weights} weights)")
-    common = ["--model", "dinov2_vits14", "--weights", weights, "--image-size", str(args.image_size),
-              "--dtype", args.dtype, "--batch-size", "32", "--workers", "1"]
+    model = args.model
+    print(f"[1/3] embedding {len(xtr)} + {len(xte)} real Fashion-MNIST images (the test images were held out of its training) with {model}")
+    common = ["--model", model, "--dtype", args.dtype, "--batch-size", "64", "--workers", "1", "--quiet"]
     for split in ("train", "test"):
         if cli(["embed", str(out / split), "-o", str(out / f"{split}.safetensors"), *common]) != 0:
             return 1
@@ -51,12 +48,8 @@ def cmd_demo(args) -> int:
     raw_acc = (raw == torch.tensor(yte)).float().mean().item()
     print(f"[2/3] 20-NN top-1 on {len(xte)} test images: features {acc:.3f} | raw pixels {raw_acc:.3f}")
     picks = sorted((out / "test").rglob("*.png"))[:: max(1, len(xte) // 4)][:4]
-    cli(["pca", *map(str, picks), "-o", str(out / "pca.png"), "--model", "dinov2_vits14", "--weights", weights,
-         "--size", "224"])
+    cli(["pca", *map(str, picks), "-o", str(out / "pca.png"), "--model", model, "--size", str(args.pca_size)])
     print(f"[3/3] PCA picture of patch features: {out / 'pca.png'}")
-    if weights == "random":
-        print("note: no trained weights were available offline, so the features come from a random network. "
-              "Run 'dinollama download dinov2_vits14' once online to use the official weights.", file=sys.stderr)
     return 0
 
 
@@ -64,8 +57,9 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="run the main jobs end to end on committed real data",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="demo_out", help="folder for the images, features and pictures")
-    p.add_argument("--n-train", type=int, default=1000)
-    p.add_argument("--n-test", type=int, default=300)
-    p.add_argument("--image-size", type=int, default=112)
-    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--n-train", type=int, default=2000)
+    p.add_argument("--n-test", type=int, default=1000)
+    p.add_argument("--model", default="default", help="backbone: the shipped default, a hub name (official weights) or a path")
+    p.add_argument("--pca-size", type=int, default=112, help="input side of the PCA picture")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.set_defaults(func=cmd_demo)

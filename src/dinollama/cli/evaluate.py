@@ -86,8 +86,11 @@ def cmd_logreg(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="evaluation protocols on frozen features")
+    from . import code_eval
+
+    p = sub.add_parser("eval", help="evaluation: DINOv2 protocols on frozen features, Code Llama benchmarks")
     protocols = p.add_subparsers(dest="protocol", metavar="PROTOCOL", required=True)
+    code_eval.register(protocols)
     for name, func, helptext in (("knn", cmd_knn, "weighted k-NN on L2-normalised class tokens"),
                                  ("logreg", cmd_logreg, "L2 logistic regression with C chosen on a train holdout")):
         q = protocols.add_parser(name, help=helptext, description=helptext)

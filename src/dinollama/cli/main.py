@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import code, demo, evaluate, vision
+from . import code, demo, evaluate, train, vision
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,18 +18,20 @@ def build_parser() -> argparse.ArgumentParser:
     vision.register(sub)
     code.register(sub)
     evaluate.register(sub)
+    train.register(sub)
     demo.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from ..data import ImageLoadError
+    from ..dinov2.train import TrainingError
     from ..io import CheckpointError, OfflineError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (CheckpointError, OfflineError, ImageLoadError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, OfflineError, ImageLoadError, FileNotFoundError, ValueError, TrainingError) as e:
         print(f"dinollama {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

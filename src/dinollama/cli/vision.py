@@ -15,8 +15,9 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def add_model_args(p: argparse.ArgumentParser, default: str = "dinov2_vits14") -> None:
-    p.add_argument("--model", default=default, help=f"hub name (dinov2_vit{{s,b,l,g}}14[_reg]) or a checkpoint path (default {default})")
+def add_model_args(p: argparse.ArgumentParser, default: str = "default") -> None:
+    p.add_argument("--model", default=default, help="'default' (the shipped small backbone trained on Fashion-MNIST), a hub "
+                   f"name (dinov2_vit{{s,b,l,g}}14[_reg]) or a checkpoint path (default {default})")
     p.add_argument("--weights", default="official",
                    help="'official' (download/cache), 'random' (seed 0), or a checkpoint path in any supported format")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -33,22 +34,11 @@ def load_model(args) -> torch.nn.Module:
     return load(args.model, weights=weights, device=args.device)
 
 
-def _setup_distributed() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        else:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    return int(os.environ.get("RANK", "0")), world
-
-
 def cmd_embed(args) -> int:
     from ..data import list_images
     from ..dinov2 import default_transform, optimize_for_inference
     from ..dinov2.embed import FORMATS, embed_paths, merge_parts, write_features
+    from ..distributed import setup
 
     out = Path(args.out)
     if out.suffix not in FORMATS:
@@ -58,7 +48,7 @@ def cmd_embed(args) -> int:
         paths += list_images(src)
     if not paths:
         raise ValueError(f"no images found in {' '.join(args.inputs)}")
-    rank, world = _setup_distributed()
+    rank, world, _ = setup()
     if world > 1 and args.device == "cuda":
         args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     model = load_model(args)
@@ -185,7 +175,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("classify", help="ImageNet top-k with the official linear heads (*_lc)")
     p.add_argument("images", nargs="+")
-    add_model_args(p)
+    add_model_args(p, default="dinov2_vits14")
     p.add_argument("--topk", type=int, default=5)
     p.set_defaults(func=cmd_classify)
 

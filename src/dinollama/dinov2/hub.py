@@ -11,13 +11,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..io import CheckpointError, fetch, read_state_dict
+from ..io import CheckpointError, fetch, read_metadata, read_state_dict
 from .convert import infer_config, to_official
 from .model import ARCHS, DinoVisionTransformer, ViTConfig
 
 BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
 _ARCH_OF = {"s": "vit_small", "b": "vit_base", "l": "vit_large", "g": "vit_giant2"}
 BACKBONES = [f"dinov2_vit{s}14{r}" for s in "sblg" for r in ("", "_reg")]
+# The shipped default backbone: trained here with ``dinollama train ssl --preset fmnist-tiny`` (README).
+DEFAULT_WEIGHTS = "weights/default.safetensors"
 CLASSIFIERS = [f"{b}_lc" for b in BACKBONES]
 
 
@@ -97,6 +99,24 @@ def _looks_like(sd: dict, fmt: str) -> str:
     return f"a {fmt} checkpoint of a {arch.embed_dim}-dim, {arch.depth}-block model with {arch.num_register_tokens} registers"
 
 
+def default_weights_path() -> Path:
+    path = Path(str(resources.files(__package__).joinpath(DEFAULT_WEIGHTS)))
+    if not path.exists():
+        raise CheckpointError(f"{path}: the shipped default backbone is missing from this installation; reinstall dinollama")
+    return path
+
+
+def saved_config(path: str | os.PathLike) -> ViTConfig | None:
+    """The exact config our ``save()`` stores in safetensors metadata (heads, image size...)."""
+    import json
+
+    text = read_metadata(path).get("config")
+    if not text:
+        return None
+    known = set(ViTConfig.__dataclass_fields__)
+    return ViTConfig(**{k: v for k, v in json.loads(text).items() if k in known})
+
+
 def _resolve(weights: str | os.PathLike | None, url: str, progress: bool) -> Path | None:
     if weights is None:
         return None
@@ -118,12 +138,17 @@ def load(
 ) -> nn.Module:
     """A named model with weights: ``None`` (random), ``"official"`` (download/cache) or a path.
 
-    ``name`` may also be a checkpoint path of any supported format, whose architecture is inferred.
+    ``name`` may also be ``"default"`` (the shipped small backbone, trained on Fashion-MNIST) or a
+    checkpoint path of any supported format, whose architecture is read from its metadata or inferred.
     ``*_lc`` names return a :class:`LinearClassifier` with the ImageNet head of ``layers`` (1 or 4).
     """
+    if str(name) == "default":
+        name = default_weights_path()
+        if weights is None:  # the same architecture, randomly initialised (a baseline)
+            return DinoVisionTransformer(replace(saved_config(name), **overrides)).eval().to(device=device, dtype=dtype)
     if Path(str(name)).exists():
         sd, _ = to_official(read_state_dict(name))
-        model: nn.Module = DinoVisionTransformer(replace(infer_config(sd), **overrides))
+        model: nn.Module = DinoVisionTransformer(replace(saved_config(name) or infer_config(sd), **overrides))
         load_weights(model, name)
     else:
         _, _, _, lc = _parse(name)

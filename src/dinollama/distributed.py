@@ -1,0 +1,34 @@
+"""torchrun setup shared by every command: process group, device, and CPU threads per process."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def setup() -> tuple[int, int, torch.device]:
+    """``(rank, world_size, device)``; joins the process group when started by ``torchrun``.
+
+    On CPU each process gets ``cores // processes`` threads: oversubscribed OpenMP threads spin
+    against each other and can be many times slower.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        if world > 1:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    return int(os.environ.get("RANK", "0")), world, device
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
