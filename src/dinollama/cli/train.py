@@ -67,8 +67,11 @@ def _common(q: argparse.ArgumentParser, config: bool = True) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="DINOv2 training: self-supervised, distillation, fine-tuning")
+    from . import train_code
+
+    p = sub.add_parser("train", help="training: DINOv2 (ssl, distill, finetune), Code Llama (code, lcft, sft, tokenizer)")
     kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
+    train_code.register(kinds)
     q = kinds.add_parser("ssl", help="DINO + iBOT + KoLeo self-supervised training (torchrun for several processes)")
     _common(q)
     q.set_defaults(func=cmd_ssl)

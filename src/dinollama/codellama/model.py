@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ..nn import RMSNorm, SwiGLU, apply_rotary_emb, precompute_freqs_cis
@@ -161,6 +162,7 @@ class Transformer(nn.Module):
         # Complex fp32 rotations kept out of the buffers: Module.to(dtype) would cast them to real.
         self.freqs_cis = self._freqs(args.max_seq_len * 2)
         self.max_batch = self.cache_len = 0
+        self.activation_checkpointing = False  # recompute each block in backward: memory for time
 
     def _freqs(self, n: int) -> Tensor:
         return precompute_freqs_cis(self.params.head_dim, n, self.params.rope_theta)
@@ -187,7 +189,10 @@ class Transformer(nn.Module):
             self.freqs_cis = self.freqs_cis.to(h.device)
         freqs = self.freqs_cis[start_pos : start_pos + tokens.shape[1]]
         for layer in self.layers:
-            h = layer(h, freqs, start_pos, mask)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(layer, h, freqs, start_pos, mask, use_reentrant=False)
+            else:
+                h = layer(h, freqs, start_pos, mask)
         return self.norm(h)
 
     def forward(self, tokens: Tensor, start_pos: int = 0) -> Tensor:

@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 from ...distributed import setup
 from ...nn import Attention
+from ...training import load_checkpoint, save_checkpoint
 from ..hub import save as save_backbone
 from .augment import MultiCrop
-from .checkpoint import load_checkpoint, save_checkpoint
 from .config import SSLConfig
 from .data import Collate, ImageSource, MultiCropDataset, StreamSampler, open_source
 from .monitor import knn_check

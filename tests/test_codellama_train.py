@@ -1,0 +1,169 @@
+"""Code Llama training: data preparation on real stdlib code, loop, resume, LCFT, SFT masks, LoRA, export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dinollama.codellama import ModelArgs, Tokenizer, build, chat_prompt_tokens, load, save_hf
+from dinollama.codellama.train import (
+    IGNORE, CodeTrainConfig, CodeTrainer, apply_lora, dialog_tokens, merge_lora, prepare_corpus, prepare_dialogs,
+    train_tokenizer, with_context,
+)
+
+DATA = Path(__file__).parent / "data"
+TOKENIZER = DATA / "codellama_tokenizer.model"
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+FILES = ["bisect.py", "colorsys.py", "keyword.py", "heapq.py", "fnmatch.py", "glob.py", "shlex.py", "textwrap.py"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    for name in FILES:
+        shutil.copy(STDLIB / name, root / name)
+    shutil.copy(STDLIB / "bisect.py", root / "bisect_copy.py")  # an exact duplicate, removed
+    out = tmp_path_factory.mktemp("prepared")
+    stats = prepare_corpus(root, TOKENIZER, out, seq_len=256, heldout=0.25, max_doc_chars=500, progress=False)
+    return root, out, stats
+
+
+def tiny_model(vocab: int = 32016) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, multiple_of=32,
+                           max_seq_len=128, rope_theta=1e4))
+
+
+def test_prepare_corpus(corpus):
+    _, out, stats = corpus
+    assert stats["files"] == len(FILES)  # the duplicate is gone
+    assert stats["train_windows"] > 10 and stats["val_windows"] > 0
+    train, val = np.load(out / "train.npy"), np.load(out / "val.npy")
+    assert train.shape[1] == val.shape[1] == 257
+    fim = stats["layouts"].get("psm", 0) + stats["layouts"].get("spm", 0)
+    assert fim / sum(stats["layouts"].values()) > 0.5
+    tok = Tokenizer(TOKENIZER)
+    assert tok.prefix_id not in set(val.flatten().tolist())  # held-out windows are plain code
+    held = set(stats["heldout_files"])
+    assert held and held < set(FILES)  # whole files are held out, never pieces of a training file
+
+
+def test_training_loss_drops_and_resume_is_exact(corpus, tmp_path):
+    _, data, _ = corpus
+    cfg = CodeTrainConfig(seq_len=64, batch_size=4, lr=3e-3, warmup_iters=2, max_iters=12, eval_every=6, eval_batches=2,
+                          log_every=1, save_every=3, precision="fp32")
+    full = CodeTrainer(tiny_model(), cfg, data, tmp_path / "full", TOKENIZER, progress=False)
+    folder = full.run()
+    log = [json.loads(x) for x in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert losses[-1] < losses[0] - 0.5
+    assert any(r.get("val_loss") for r in log)
+    part = CodeTrainer(tiny_model(), cfg, data, tmp_path / "part", TOKENIZER, progress=False)
+    part.run(stop_at=7)  # checkpoint at 6 and at the stop: a resumed run continues from 7
+    resumed = CodeTrainer(tiny_model(), cfg, data, tmp_path / "part", TOKENIZER, progress=False)
+    resumed.run()
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    model, tok = load(folder)
+    assert tok is not None and model.params.dim == 64
+    x = torch.tensor([[1, 500, 600]])
+    with torch.no_grad():
+        assert torch.allclose(model(x), full.model.eval()(x), atol=1e-5)
+
+
+def test_lcft_keeps_weights():
+    model = tiny_model()
+    longer = with_context(model, rope_theta=1e6, max_seq_len=512)
+    assert longer.params.rope_theta == 1e6 and longer.params.max_seq_len == 512
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), longer.state_dict().values()))
+
+
+def test_sft_masks_and_layout(tmp_path):
+    tok = Tokenizer(TOKENIZER)
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sum a list?"},
+              {"role": "assistant", "content": "Use sum(xs)."}, {"role": "user", "content": "And max?"},
+              {"role": "assistant", "content": "max(xs)"}]
+    tokens, targets = dialog_tokens(tok, dialog)
+    assert len(tokens) == len(targets)
+    prompt = chat_prompt_tokens(tok, dialog[:4])
+    assert tokens[: len(prompt)] == prompt  # the training layout is the inference layout
+    trained = [t for t, y in zip(tokens, targets) if y != IGNORE]
+    assert tok.decode(trained).replace("</s>", "") .strip().startswith("Use sum(xs).")
+    assert "max(xs)" in tok.decode(trained) and "Sum a list" not in tok.decode(trained)
+    assert trained.count(tok.eos_id) == 2
+    (tmp_path / "d.jsonl").write_text(json.dumps({"messages": dialog}) + "\n")
+    counts = prepare_dialogs(tmp_path / "d.jsonl", TOKENIZER, tmp_path / "sft", seq_len=128, heldout=0.0)
+    assert counts["train_windows"] == 1
+    tg = np.load(tmp_path / "sft" / "train.targets.npy")
+    assert (tg != IGNORE).sum() == len(trained)
+
+
+def test_lora_trains_adapters_and_merges():
+    model = tiny_model()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_lora(model, rank=4, alpha=8)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    x = torch.tensor([[1, 5, 9, 300]])
+    with torch.no_grad():
+        want = model.eval()(x)
+    merge_lora(model)
+    assert set(model.state_dict()) == set(base)
+    with torch.no_grad():
+        assert torch.allclose(model(x), want, atol=1e-4)
+
+
+def test_exported_model_loads_in_transformers(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    model = tiny_model().eval()
+    folder = save_hf(model, tmp_path / "hf", Tokenizer(TOKENIZER))
+    hf = LlamaForCausalLM.from_pretrained(folder).eval()
+    x = torch.tensor([[1, 40, 50, 60]])
+    with torch.no_grad():
+        assert torch.allclose(hf(x).logits, model(x), atol=1e-4)
+
+
+def test_train_tokenizer(corpus, tmp_path):
+    root, _, _ = corpus
+    path = train_tokenizer(root, tmp_path / "tok", vocab_size=600)
+    tok = Tokenizer(path)
+    assert tok.supports_infilling and tok.step_id is None and tok.n_words == 600
+    text = "def f(x):\n    return x + 12345  # ünïcode ☃\n"
+    assert tok.decode(tok.encode(text, False, False)) == text  # byte fallback: nothing lost
+    assert tok.prefix_id not in tok.encode("<PRE> ▁<PRE>", False, False)  # control pieces never come from text
+    ids = tok.encode("12345", False, False)
+    assert len([p for p in map(tok.token_piece, ids) if any(c.isdigit() for c in p)]) == 5  # digits split
+
+
+def test_report_numbers(corpus):
+    from dinollama.codellama.train.report import (
+        heldout_lines, infilling_exact_match, model_perplexity, unigram_perplexity,
+    )
+
+    train = np.array([[0, 1, 1, 2]])
+    val = np.array([[0, 1, 2, 3]])
+    counts = np.array([0, 2, 1, 0]) + 1.0
+    expected = np.exp(-np.mean(np.log(counts / counts.sum())[[1, 2, 3]]))
+    assert unigram_perplexity(train, val, 4) == pytest.approx(expected)
+    model = tiny_model().eval()
+    w = np.load(corpus[1] / "val.npy")[:2]
+    x = torch.from_numpy(w.astype(np.int64))
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(model.forward_train(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+    assert model_perplexity(model, w) == pytest.approx(float(ce.exp()), rel=1e-4)
+    text = (STDLIB / "bisect.py").read_text()
+    tasks = heldout_lines([text], 5, context_chars=300)
+    assert len(tasks) == 5 and all(t.prefix + t.middle + t.suffix in text for t in tasks)
+    short = heldout_lines([text], 2, context_chars=100)
+    assert 0.0 <= infilling_exact_match(model, Tokenizer(TOKENIZER), short, max_new_tokens=4) <= 1.0
