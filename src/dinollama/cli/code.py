@@ -14,8 +14,8 @@ FILL_MARKER = "<FILL_ME>"
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model folder: official (params.json + consolidated.*.pth), "
-                   "Hugging Face (config.json + safetensors) or ours")
+    p.add_argument("--model", default="default", help="model folder: official (params.json + consolidated.*.pth), "
+                   "Hugging Face (config.json + safetensors) or ours; default: the small model shipped with dinollama")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-gen-len", type=int, default=256)

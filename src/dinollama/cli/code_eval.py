@@ -63,7 +63,8 @@ def register(protocols) -> None:
              "infilling": "HumanEval-infilling pass@1 (single-line, multi-line or random-span; PSM or SPM)"}
     for name, text in helps.items():
         q = protocols.add_parser(name, help=text, description=text)
-        q.add_argument("--model", required=True, help="Code Llama model folder (official, Hugging Face or ours)")
+        q.add_argument("--model", default="default", help="Code Llama model folder (official, Hugging Face or ours); "
+                       "default: the small shipped model")
         q.add_argument("--data", help="benchmark file (HumanEval.jsonl[.gz] / mbpp.jsonl); HumanEval defaults to the package's")
         q.add_argument("--output", help="results JSONL, resumed if it exists (default NAME_results.jsonl)")
         q.add_argument("--report", help="summary JSON (default: next to the results)")

@@ -33,7 +33,7 @@ def cmd_demo(args) -> int:
         if not (out / split).exists():
             _write_folder(x, y, out / split)
     model = args.model
-    print(f"[1/3] embedding {len(xtr)} + {len(xte)} real Fashion-MNIST images (the test images were held out of its training) with {model}")
+    print(f"[1/5] embedding {len(xtr)} + {len(xte)} real Fashion-MNIST images (the test images were held out of its training) with {model}")
     common = ["--model", model, "--dtype", args.dtype, "--batch-size", "64", "--workers", "1", "--quiet"]
     for split in ("train", "test"):
         if cli(["embed", str(out / split), "-o", str(out / f"{split}.safetensors"), *common]) != 0:
@@ -46,10 +46,35 @@ def cmd_demo(args) -> int:
     raw = knn_predict(torch.tensor(xtr.reshape(len(xtr), -1), dtype=torch.float32), torch.tensor(ytr),
                       torch.tensor(xte.reshape(len(xte), -1), dtype=torch.float32), ks=(20,))[20]
     raw_acc = (raw == torch.tensor(yte)).float().mean().item()
-    print(f"[2/3] 20-NN top-1 on {len(xte)} test images: features {acc:.3f} | raw pixels {raw_acc:.3f}")
+    print(f"[2/5] 20-NN top-1 on {len(xte)} test images: features {acc:.3f} | raw pixels {raw_acc:.3f}")
     picks = sorted((out / "test").rglob("*.png"))[:: max(1, len(xte) // 4)][:4]
     cli(["pca", *map(str, picks), "-o", str(out / "pca.png"), "--model", model, "--size", str(args.pca_size)])
-    print(f"[3/3] PCA picture of patch features: {out / 'pca.png'}")
+    print(f"[3/5] PCA picture of patch features: {out / 'pca.png'}")
+    return 0 if args.skip_code else code_demo(args.code_model)
+
+
+def code_demo(model_path: str) -> int:
+    """Completion and infilling of real snippets the default code model never saw in training."""
+    from ..codellama import Generator, SamplingParams, load
+    from ..codellama.checkpoint import default_model_dir
+
+    model, tok = load(model_path)
+    model = model.float().eval()
+    snippets = json.loads((default_model_dir() / "heldout_snippets.json").read_text())
+    gen = Generator(model, tok)
+    first = snippets[0]
+    prompt = first["prefix"][-300:]
+    prompt = prompt[prompt.find("\n") + 1 :]
+    completion = gen.text_completion([prompt], SamplingParams(max_gen_len=48, stop_strings=("\n\n\n",)))[0]
+    print(f"[4/5] completion by the default code model (greedy) of held-out CPython code:\n{prompt}\033[1m{completion}\033[0m")
+    middles = gen.text_infilling([s["prefix"] for s in snippets], [s["suffix"] for s in snippets], SamplingParams(max_gen_len=32))
+    hits = 0
+    print("[5/5] infilling held-out single lines (expected | generated):")
+    for s, m in zip(snippets, middles):
+        got = m.split("\n")[0]
+        hits += got.strip() == s["middle"].strip()
+        print(f"  {'=' if got.strip() == s['middle'].strip() else 'x'} {s['middle'].strip()!r:60} | {got.strip()!r}")
+    print(f"      exact match {hits}/{len(snippets)}")
     return 0
 
 
@@ -62,4 +87,6 @@ def register(sub) -> None:
     p.add_argument("--model", default="default", help="backbone: the shipped default, a hub name (official weights) or a path")
     p.add_argument("--pca-size", type=int, default=112, help="input side of the PCA picture")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--code-model", default="default", help="code model folder for the completion/infilling job")
+    p.add_argument("--skip-code", action="store_true", help="run only the vision job")
     p.set_defaults(func=cmd_demo)

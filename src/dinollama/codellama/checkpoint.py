@@ -203,9 +203,21 @@ def save_native(model: Transformer, folder: str | os.PathLike, tokenizer: Tokeni
     return folder
 
 
+def default_model_dir() -> Path:
+    """The shipped default code model (``weights/default``: model.safetensors, params.json, tokenizer.model)."""
+    from importlib import resources
+
+    folder = Path(str(resources.files(__package__).joinpath("weights", "default")))
+    if not (folder / "params.json").exists():
+        raise CheckpointError(f"{folder}: the shipped default code model is missing from this installation; "
+                              "reinstall dinollama or pass a model folder")
+    return folder
+
+
 def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device=None, **overrides) -> tuple[Transformer, Tokenizer | None]:
-    """``(model, tokenizer)`` from an official folder, a Hugging Face folder or one of ours."""
-    folder = Path(path).expanduser()
+    """``(model, tokenizer)`` from an official folder, a Hugging Face folder or one of ours;
+    ``"default"`` is the small model shipped with the package (trained here on CPython's stdlib)."""
+    folder = default_model_dir() if str(path) == "default" else Path(path).expanduser()
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: expected a model folder (params.json or config.json with weights)")
     if (folder / "params.json").exists():

@@ -81,15 +81,17 @@ def is_heldout(name: str, fraction: float, seed: int = 0) -> bool:
 
 
 def split_long(doc: Document, max_chars: int) -> list[Document]:
-    """Cut a long file at top-level boundaries (a blank line before an unindented line) into
-    pieces of at most ``max_chars`` where possible, so that short contexts still see whole units."""
+    """Cut a long file into pieces of about ``max_chars`` at blank lines: preferably before an
+    unindented line (a top-level unit), else at any blank line once a piece has grown too long,
+    so that short contexts still see whole units."""
     if len(doc.text) <= max_chars:
         return [doc]
     lines = doc.text.splitlines(keepends=True)
     pieces, cur, size = [], [], 0
     for i, line in enumerate(lines):
-        boundary = cur and line[:1] not in (" ", "\t", "\n", "") and i > 0 and lines[i - 1].strip() == ""
-        if boundary and size + len(line) > max_chars:
+        after_blank = i > 0 and lines[i - 1].strip() == "" and line.strip() != ""
+        top_level = line[:1] not in (" ", "\t")
+        if cur and after_blank and ((top_level and size + len(line) > max_chars) or size > max_chars):
             pieces.append("".join(cur))
             cur, size = [], 0
         cur.append(line)
@@ -243,7 +245,7 @@ def prepare_dialogs(dialogs_file: str | os.PathLike, tokenizer_file: str | os.Pa
 
 
 def train_tokenizer(source: str | os.PathLike, model_prefix: str | os.PathLike, vocab_size: int = 16000,
-                    max_sentences: int = 2_000_000) -> Path:
+                    max_sentences: int = 2_000_000, threads: int | None = None) -> Path:
     """A SentencePiece BPE tokenizer with the Llama 2 settings (byte fallback, split digits,
     identity normalisation, whitespace kept) plus the Code Llama infilling pieces as control symbols
     (never produced from text, only by id)."""
@@ -256,6 +258,6 @@ def train_tokenizer(source: str | os.PathLike, model_prefix: str | os.PathLike, 
         allow_whitespace_only_pieces=True, add_dummy_prefix=True, character_coverage=0.99995,
         input_sentence_size=max_sentences, shuffle_input_sentence=True, max_sentence_length=4096,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, control_symbols=["▁<PRE>", "▁<MID>", "▁<SUF>", "▁<EOT>"],
-        num_threads=os.cpu_count() or 1, minloglevel=2,
+        num_threads=threads or os.cpu_count() or 1, minloglevel=2,
     )
     return Path(f"{model_prefix}.model")

@@ -111,6 +111,9 @@ class CodeTrainer:
         if cfg.lora_rank:
             apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
         self.model = model.to(self.device).train()
+        if self.world > 1:  # every rank starts from rank 0's weights, however the model was made
+            for t in self.model.state_dict().values():
+                dist.broadcast(t, 0)
         self.wrapped = self._parallelize()
         decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]

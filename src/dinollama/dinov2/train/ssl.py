@@ -181,6 +181,9 @@ class SSLObjective(nn.Module):
     def update_teacher(self, student: nn.Module, momentum: float) -> None:
         """EMA ``t = m * t + (1 - m) * s`` (the distillation teacher stays frozen; its student EMA moves)."""
         target = self.student_ema if self.distill else self.teacher
+        for net in (target, student):
+            if hasattr(net, "reshard"):  # FSDP2 keeps a root's gathered weights after a forward with no backward
+                net.reshard()
         t_params = list(target.parameters())
         s_params = [p.detach() for p in student.parameters()]
         torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)

@@ -88,10 +88,11 @@ class Trainer:
                  teacher: SSLNetwork | None = None, progress: bool = True) -> None:
         self.cfg, self.out, self.progress = cfg, Path(output_dir), progress
         self.rank, self.world, self.device = setup()
-        torch.manual_seed(cfg.train.seed + self.rank)
         self.source = open_source(data) if isinstance(data, str) else data
         self.train_ids, self.holdout_ids = split_holdout(self.source, cfg.train.knn_holdout, cfg.train.seed)
+        torch.manual_seed(cfg.train.seed)  # the same initial student, heads and teacher on every rank
         self.objective = SSLObjective(cfg, teacher).to(self.device)
+        torch.manual_seed(cfg.train.seed + 1 + self.rank)  # per-rank streams (drop-path) from here on
         if self.device.type == "cpu":
             use_bmm_attention(self.objective)
         self.student = self._parallelize()
