@@ -41,14 +41,14 @@ def main() -> None:
         "ppl_trained": model_perplexity(model, val),
     }
     texts = [(args.corpus / f).read_text() for f in stats["heldout_files"]]
-    tasks = heldout_lines(texts, args.lines, seed=0, context_chars=600)
+    tasks = heldout_lines(texts, args.lines, seed=0, context_chars=350)
     report["infill_lines"] = len(tasks)
     report["infill_exact_match"] = infilling_exact_match(model, tok, tasks)
     report["infill_exact_match_untrained"] = infilling_exact_match(untrained, tok, tasks[:50])
     print(json.dumps(report, indent=2))
     (args.run / "report.json").write_text(json.dumps(report, indent=2))
     if args.snippets:
-        picks = heldout_lines(texts, 6, seed=1, context_chars=400)
+        picks = heldout_lines(texts, 6, seed=1, context_chars=300)
         args.snippets.write_text(json.dumps([t.__dict__ for t in picks], indent=1))
 
 

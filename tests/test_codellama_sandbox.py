@@ -16,7 +16,8 @@ from dinollama.codellama.eval import (
     Task, check_references, infilling_tasks, load_humaneval, load_mbpp, mbpp_prompt, pass_at_k, run_benchmark, summarize,
 )
 
-ROOT = os.geteuid() == 0
+# The private user id and namespaces need root and an interpreter other users can read.
+ROOT = os.geteuid() == 0 and sandbox.sandbox_python()[1]
 
 
 def _sandbox_processes() -> list[str]:

@@ -62,7 +62,7 @@ def test_training_loss_drops_and_resume_is_exact(corpus, tmp_path):
     folder = full.run()
     log = [json.loads(x) for x in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
-    assert losses[-1] < losses[0] - 0.5
+    assert losses[-1] < losses[0] - 0.3
     assert any(r.get("val_loss") for r in log)
     part = CodeTrainer(tiny_model(), cfg, data, tmp_path / "part", TOKENIZER, progress=False)
     part.run(stop_at=7)  # checkpoint at 6 and at the stop: a resumed run continues from 7
@@ -142,6 +142,9 @@ def test_train_tokenizer(corpus, tmp_path):
     text = "def f(x):\n    return x + 12345  # ünïcode ☃\n"
     assert tok.decode(tok.encode(text, False, False)) == text  # byte fallback: nothing lost
     assert tok.prefix_id not in tok.encode("<PRE> ▁<PRE>", False, False)  # control pieces never come from text
+    body = "    x = 1\n        return x\n"
+    assert tok.decode_infilling(tok.encode_infilling(body)) == body  # the marker (bytes here) leaves no trace
+    assert tok.token_piece(tok.encode_infilling(body)[0]).startswith("▁")
     ids = tok.encode("12345", False, False)
     assert len([p for p in map(tok.token_piece, ids) if any(c.isdigit() for c in p)]) == 5  # digits split
 
@@ -167,3 +170,36 @@ def test_report_numbers(corpus):
     assert len(tasks) == 5 and all(t.prefix + t.middle + t.suffix in text for t in tasks)
     short = heldout_lines([text], 2, context_chars=100)
     assert 0.0 <= infilling_exact_match(model, Tokenizer(TOKENIZER), short, max_new_tokens=4) <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_code_training_two_processes_match_one(corpus, tmp_path, parallel):
+    import os
+    import subprocess
+    import sys
+
+    _, data, _ = corpus
+    args = ["--data", "unused", "--tokenizer", str(TOKENIZER), "--dim", "64", "--layers", "2", "--heads", "4",
+            "--seq-len", "64", "--quiet", "--set", "max_iters=3", "--set", "warmup_iters=0", "--set", "lr=3e-3",
+            "--set", "precision=fp32", "--set", "eval_every=0", "--set", f"parallel={parallel}"]
+    for name in ("one", "two"):  # reuse the prepared windows (seq_len 256 >= 64): copy them into each run folder
+        (tmp_path / name / "data").mkdir(parents=True)
+        for f in ("train.npy", "val.npy"):
+            shutil.copy(data / f, tmp_path / name / "data" / f)
+        (tmp_path / name / "data" / "stats.json").write_text(json.dumps({"seq_len": 64}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "dinollama.cli.main", "train", "code", *args, "--set", "batch_size=4",
+                    "--output", str(tmp_path / "one")], check=True, env=env)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+                    "-m", "dinollama.cli.main", "train", "code", *args, "--set", "batch_size=2",
+                    "--output", str(tmp_path / "two")], check=True, env=env)
+    a, _ = load(tmp_path / "one" / "model")
+    b, _ = load(tmp_path / "two" / "model")
+    sa, sb = a.state_dict(), b.state_dict()
+    last = json.loads((tmp_path / "one" / "log.jsonl").read_text().splitlines()[-1])
+    assert last["grad_norm"] > 0 and last["lr"] > 0  # the weights did move
+    for k in sa:
+        # Adam turns rounding-level gradient differences of rarely seen embedding rows into up to ~lr steps.
+        assert torch.allclose(sa[k], sb[k], atol=2e-3, rtol=0), k
+    assert sum((sa[k] - sb[k]).abs().sum() for k in sa) / sum(v.numel() for v in sa.values()) < 1e-5

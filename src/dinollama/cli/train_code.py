@@ -47,7 +47,10 @@ def _model(args):
         raise ValueError("a new model needs --tokenizer (train one with 'dinollama train tokenizer')")
     from ..codellama import Tokenizer
 
+    import torch
+
     tok = Tokenizer(args.tokenizer)
+    torch.manual_seed(int(_overrides(args.set).get("seed", 0)))  # a reproducible initialisation
     margs = ModelArgs(dim=args.dim, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.kv_heads,
                       vocab_size=tok.n_words, multiple_of=64, rope_theta=args.rope_theta, max_seq_len=args.seq_len)
     return Transformer(margs), Path(args.tokenizer)

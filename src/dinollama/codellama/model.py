@@ -195,8 +195,13 @@ class Transformer(nn.Module):
                 h = layer(h, freqs, start_pos, mask)
         return self.norm(h)
 
-    def forward(self, tokens: Tensor, start_pos: int = 0) -> Tensor:
-        """Logits for ``tokens`` placed at ``start_pos`` of the cached sequence (float32, as the reference)."""
+    def forward(self, tokens: Tensor, start_pos: int = 0, *, train: bool = False) -> Tensor:
+        """Logits for ``tokens`` placed at ``start_pos`` of the cached sequence (float32, as the reference).
+
+        ``train=True`` is ``forward_train`` through ``__call__``, so DDP/FSDP wrappers see the call.
+        """
+        if train:
+            return self.forward_train(tokens)
         b, t = tokens.shape
         if self.max_batch < b or start_pos + t > self.cache_len:
             if start_pos:

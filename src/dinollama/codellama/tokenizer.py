@@ -7,6 +7,9 @@ import os
 from sentencepiece import SentencePieceProcessor
 
 
+_MARKER = "☺"
+
+
 class InfillingNotSupported(ValueError):
     """The tokenizer has no ``▁<PRE>``/``▁<SUF>``/``▁<MID>``/``▁<EOT>`` pieces."""
 
@@ -26,6 +29,8 @@ class Tokenizer:
         self.suffix_id = self._piece("▁<SUF>")
         self.eot_id = self._piece("▁<EOT>")
         self.step_id = self._piece("<step>")
+        self._marker_ids = self.sp_model.encode(_MARKER)
+        self._marker_is_piece = self._piece(_MARKER) is not None
 
     def _piece(self, piece: str) -> int | None:
         i = self.sp_model.piece_to_id(piece)
@@ -53,9 +58,12 @@ class Tokenizer:
         return self.sp_model.id_to_piece(t)
 
     def encode_infilling(self, s: str) -> list[int]:
-        """Encode without SentencePiece's implicit leading space (a marker char is prepended and dropped)."""
-        return self.sp_model.encode("☺" + s)[2:]
+        """Encode without SentencePiece's implicit leading space: a marker char is prepended and its
+        tokens dropped (2 for the Llama vocabulary, where "☺" is a piece, as the reference does;
+        more where the marker falls back to bytes)."""
+        return self.sp_model.encode(_MARKER + s)[len(self._marker_ids) :]
 
     def decode_infilling(self, t: list[int]) -> str:
-        """Decode without the implicit leading space."""
-        return self.sp_model.decode([self.sp_model.piece_to_id("☺")] + t)[1:]
+        """Decode without the implicit leading space (the marker is decoded first, then cut off)."""
+        marker = [self._piece(_MARKER)] if self._marker_is_piece else self._marker_ids
+        return self.sp_model.decode(marker + list(t))[1:]

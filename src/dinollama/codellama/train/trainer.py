@@ -151,8 +151,7 @@ class CodeTrainer:
         model = model or self.wrapped
         x, y = x[:, : self.cfg.seq_len].to(self.device), y[:, : self.cfg.seq_len].to(self.device)
         with torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext():
-            fwd = model.module.forward_train if hasattr(model, "module") else model.forward_train
-            logits = fwd(x)
+            logits = model(x, train=True)
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE)
 
     def step(self) -> dict:
