@@ -163,6 +163,8 @@ def test_mbpp_loader_and_prompt(tmp_path):
 def test_run_benchmark_resumes(tmp_path):
     class FakeGenerator:
         calls = 0
+        model = type("M", (), {"params": type("P", (), {"max_seq_len": 4096})()})()
+        tokenizer = type("T", (), {"encode": lambda self, s, bos, eos: s.split()})()
 
         def text_completion(self, prompts, params):
             FakeGenerator.calls += len(prompts)
@@ -208,3 +210,22 @@ def test_eval_cli_pipeline_with_a_small_model(tmp_path, capsys):
     rows = [json.loads(x) for x in inf.read_text().splitlines()]
     assert len(rows) == 3 and all(r["mode"] == "single-line" for r in rows)
     assert main(["eval", "mbpp", "--model", str(folder)]) == 2  # no local MBPP file: a one-line error
+
+
+def test_prompts_longer_than_the_context_fail_without_stopping_the_run(tmp_path):
+    from dinollama.codellama.eval import EvalSettings
+
+    class SmallContext:
+        model = type("M", (), {"params": type("P", (), {"max_seq_len": 40})()})()
+        tokenizer = type("T", (), {"encode": lambda self, s, bos, eos: s.split()})()
+        seen: list = []
+
+        def text_completion(self, prompts, params):
+            SmallContext.seen.append(params.max_gen_len)
+            return ["    return 1\n" for _ in prompts]
+
+    short = Task("T/short", prompt="def f():\n", test="def check(f):\n    assert f() == 1\n", entry_point="f")
+    long = Task("T/long", prompt="def f():\n" + "# x\n" * 100, test=short.test, entry_point="f")
+    s = run_benchmark(SmallContext(), [short, long], tmp_path / "r.jsonl", EvalSettings(batch_size=2, max_new_tokens=512),
+                      progress=False)
+    assert s["pass@1"] == 0.5 and SmallContext.seen == [40 - 2]  # new tokens capped to the room left

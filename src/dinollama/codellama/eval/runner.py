@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from .. import sandbox
 from ..generation import Generator, SamplingParams
+from ..prompts import infilling_prompt_tokens
 from .benchmarks import Task
 from .passk import mean_pass_at_k
 
@@ -47,12 +48,33 @@ def _done(results_path: Path) -> dict[tuple[str, int], dict]:
     return out
 
 
+def _prompt_len(gen: Generator, t: Task, s: EvalSettings) -> int:
+    if t.kind == "infilling":
+        return len(infilling_prompt_tokens(gen.tokenizer, t.prefix, t.suffix, s.suffix_first))
+    return len(gen.tokenizer.encode(t.prompt, True, False))
+
+
 def _generate(gen: Generator, tasks: list[Task], s: EvalSettings, seed: int) -> list[str]:
-    params = SamplingParams(max_gen_len=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, seed=seed,
-                            stop_strings=tasks[0].stop)
-    if tasks[0].kind == "infilling":
-        return gen.text_infilling([t.prefix for t in tasks], [t.suffix for t in tasks], params, suffix_first=s.suffix_first)
-    return gen.text_completion([t.prompt for t in tasks], params)
+    """Completions; new tokens are capped to the model's context, and a prompt that leaves fewer than
+    16 tokens of room gets an empty completion (it then fails) instead of stopping the run."""
+    context = gen.model.params.max_seq_len
+    lengths = [_prompt_len(gen, t, s) for t in tasks]
+    fits = [i for i, n in enumerate(lengths) if n + 16 <= context]
+    out = [""] * len(tasks)
+    if not fits:
+        return out
+    room = context - max(lengths[i] for i in fits)
+    params = SamplingParams(max_gen_len=min(s.max_new_tokens, room), temperature=s.temperature, top_p=s.top_p,
+                            seed=seed, stop_strings=tasks[0].stop)
+    chosen = [tasks[i] for i in fits]
+    if chosen[0].kind == "infilling":
+        texts = gen.text_infilling([t.prefix for t in chosen], [t.suffix for t in chosen], params,
+                                   suffix_first=s.suffix_first)
+    else:
+        texts = gen.text_completion([t.prompt for t in chosen], params)
+    for i, text in zip(fits, texts):
+        out[i] = text
+    return out
 
 
 def _batches(items: list, size: int) -> Iterable[list]:
