@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def _overrides(pairs: list[str]) -> dict:
-    from ..dinov2.train.config import overrides_to_dict
+    from ..training import overrides_to_dict
 
     return overrides_to_dict(pairs)
 
@@ -45,9 +45,9 @@ def _model(args):
         raise ValueError(f"train {args.kind} continues from a model: pass --init MODEL_FOLDER")
     if not args.tokenizer:
         raise ValueError("a new model needs --tokenizer (train one with 'dinollama train tokenizer')")
-    from ..codellama import Tokenizer
-
     import torch
+
+    from ..codellama import Tokenizer
 
     tok = Tokenizer(args.tokenizer)
     torch.manual_seed(int(_overrides(args.set).get("seed", 0)))  # a reproducible initialisation

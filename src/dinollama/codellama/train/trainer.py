@@ -14,6 +14,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +25,10 @@ from torch import nn
 from tqdm import tqdm
 
 from ...distributed import setup
-from ...training import CosineSchedule, load_checkpoint, save_checkpoint
+from ...training import CosineSchedule, autocast_dtype, load_checkpoint, save_checkpoint
 from ..model import ModelArgs, Transformer
 from .lora import apply_lora, merge_lora
 from .sft import IGNORE
-
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 @dataclass
@@ -87,7 +86,9 @@ class TokenWindows:
         return w[:, :-1], t[:, 1:]
 
 
+@lru_cache(maxsize=2)
 def _order(n: int, seed: int, epoch: int) -> list[int]:
+    """The seeded shuffle of one epoch (cached: every sample of a batch asks for it)."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
 
 
@@ -121,7 +122,7 @@ class CodeTrainer:
                                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2))
         self.lr = CosineSchedule(cfg.lr, cfg.lr * cfg.min_lr_ratio, cfg.max_iters, cfg.warmup_iters)
-        self.amp = AUTOCAST[cfg.precision]
+        self.amp = autocast_dtype(cfg.precision)
         self.global_batch = cfg.batch_size * self.world
         self.iteration = 0
 
@@ -225,9 +226,10 @@ class CodeTrainer:
 
     def export(self) -> Path:
         """The trained weights as a native model folder (``dinollama.codellama.load`` reads it)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
         from ..checkpoint import save_native
         from ..tokenizer import Tokenizer
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         folder = self.out / "model"

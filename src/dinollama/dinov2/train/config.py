@@ -9,6 +9,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
+from ...training.options import overrides_to_dict
 from .augment import MultiCropConfig
 
 
@@ -183,28 +184,6 @@ def _merge(obj, updates: dict, where: str):
             value = tuple(value)
         changes[key] = value
     return replace(obj, **changes)
-
-
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return {"true": True, "false": False, "null": None, "none": None}.get(text.lower(), text)
-
-
-def overrides_to_dict(pairs: list[str]) -> dict:
-    """``["optim.epochs=10", "crops.global_crops_scale=[0.3,1]"]`` -> nested dict."""
-    out: dict = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"override {pair!r} must look like section.key=value")
-        key, value = pair.split("=", 1)
-        node = out
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = _parse_value(value.strip())
-    return out
 
 
 def load_config(source: str | Path | None = None, preset: str | None = None, overrides: list[str] | None = None) -> SSLConfig:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ...io import save_safetensors
+from ...training import autocast_dtype
 from ..hub import save as save_backbone
 from ..model import DinoVisionTransformer
 from .augment import random_resized_crop
@@ -97,7 +98,7 @@ def finetune(backbone: DinoVisionTransformer, source: ImageSource, output_dir: s
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.precision]
+    amp = autocast_dtype(cfg.precision)
     train_ids, held = split_holdout(source, cfg.holdout, cfg.seed)
     n_classes = int(source.labels.max()) + 1
     model = Classifier(backbone, n_classes).to(device)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ...distributed import setup
 from ...nn import Attention
-from ...training import load_checkpoint, save_checkpoint
+from ...training import autocast_dtype, load_checkpoint, save_checkpoint
 from ..hub import save as save_backbone
 from .augment import MultiCrop
 from .config import SSLConfig
@@ -26,8 +26,6 @@ from .data import Collate, ImageSource, MultiCropDataset, StreamSampler, open_so
 from .monitor import knn_check
 from .schedules import CosineSchedule, apply_schedules, param_groups
 from .ssl import Batch, SSLNetwork, SSLObjective, entropy_stats
-
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 class TrainingError(RuntimeError):
@@ -107,9 +105,7 @@ class Trainer:
                                 f"({self.global_batch * t.grad_accum}); lower train.batch_size_per_gpu")
         self.sched = Schedules.build(cfg, self.iters_per_epoch, self.world)
         self.total = self.sched.lr.total
-        self.amp = AUTOCAST.get(t.precision, "invalid")
-        if self.amp == "invalid":
-            raise ValueError(f"train.precision must be bf16, fp16 or fp32, not {t.precision!r}")
+        self.amp = autocast_dtype(t.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
         self.iteration = 0
 
