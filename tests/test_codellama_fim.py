@@ -97,6 +97,16 @@ def test_corpus_reading(tmp_path, tok):
     rows = tmp_path / "c.jsonl"
     rows.write_text("\n".join(json.dumps({"path": f"f{i}.py", "content": f"x = {i}\n"}) for i in range(3)))
     assert [d.text for d in read_documents(rows)] == ["x = 0\n", "x = 1\n", "x = 2\n"]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"path": ["p.py", "q.py"], "content": ["a = 1\n", None]}), tmp_path / "c.parquet")
+    assert [(d.name, d.text) for d in read_documents(tmp_path / "c.parquet")] == [("c.parquet:0", "a = 1\n"),
+                                                                                 ("c.parquet:1", "")]
+    pq.write_table(pa.table({"body": ["b = 2\n"]}), tmp_path / "d.parquet")
+    with pytest.raises(ValueError, match="no 'text' or 'content' column"):
+        list(read_documents(tmp_path / "d.parquet"))
+    assert [d.text for d in read_documents(tmp_path / "d.parquet", field="body")] == ["b = 2\n"]
     names = [f"lib/m{i}.py" for i in range(2000)]
     held = [n for n in names if is_heldout(n, 0.1)]
     assert 150 < len(held) < 250 and held == [n for n in names if is_heldout(n, 0.1)]

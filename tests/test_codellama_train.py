@@ -203,3 +203,40 @@ def test_code_training_two_processes_match_one(corpus, tmp_path, parallel):
         # Adam turns rounding-level gradient differences of rarely seen embedding rows into up to ~lr steps.
         assert torch.allclose(sa[k], sb[k], atol=2e-3, rtol=0), k
     assert sum((sa[k] - sb[k]).abs().sum() for k in sa) / sum(v.numel() for v in sa.values()) < 1e-5
+
+
+def test_code_training_sigkill_and_resume_matches_uninterrupted(corpus, tmp_path):
+    """A run killed with SIGKILL right after a checkpoint resumes to the same final weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _, data, _ = corpus
+    args = ["--data", "unused", "--tokenizer", str(TOKENIZER), "--dim", "64", "--layers", "2", "--heads", "4",
+            "--seq-len", "64", "--quiet", "--set", "max_iters=30", "--set", "warmup_iters=2", "--set", "lr=3e-3",
+            "--set", "precision=fp32", "--set", "eval_every=0", "--set", "save_every=2", "--set", "batch_size=4"]
+    for name in ("full", "killed"):
+        (tmp_path / name / "data").mkdir(parents=True)
+        for f in ("train.npy", "val.npy"):
+            shutil.copy(data / f, tmp_path / name / "data" / f)
+        (tmp_path / name / "data" / "stats.json").write_text(json.dumps({"seq_len": 64}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cli = [sys.executable, "-m", "dinollama.cli.main", "train", "code", *args]
+    subprocess.run([*cli, "--output", str(tmp_path / "full")], check=True, env=env)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([*cli, "--output", str(run)], env=env)
+    deadline = time.time() + 120
+    while not (run / "checkpoint.pth").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "model").exists(), "the run finished before it could be killed"
+    saved = torch.load(run / "checkpoint.pth", weights_only=True)["iteration"]
+    assert 0 < saved < 30
+    subprocess.run([*cli, "--output", str(run)], check=True, env=env)
+    a, _ = load(tmp_path / "full" / "model")
+    b, _ = load(run / "model")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -59,6 +59,10 @@ def test_embed_matches_direct_forward_all_formats(images, weights, tmp_path, cap
     assert run(base + ["-o", tmp_path / "f.npy"]) == 0
     assert np.allclose(np.load(tmp_path / "f.npy"), feats.cls.numpy(), atol=1e-5)
     assert (tmp_path / "f.npy.paths.txt").read_text().splitlines() == feats.paths
+    assert run(base + ["-o", tmp_path / "f.parquet", "--patch-tokens"]) == 0
+    pq = read_features(tmp_path / "f.parquet")
+    assert pq.paths == feats.paths and torch.allclose(pq.cls, feats.cls, atol=1e-6)
+    assert torch.allclose(pq.patch, feats.patch, atol=1e-6)
     assert run(base + ["-o", tmp_path / "f.bin"]) == 2
     assert run(base + ["-o", tmp_path / "x.npy", "--on-error", "fail"]) == 2
 

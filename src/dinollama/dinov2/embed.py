@@ -17,35 +17,13 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data import ImageLoadError, load_image
+from ..data import ImageLoadError
+from ..data.datasets import FileSource, Transformed, collate_skipping_errors
 
 FORMATS = (".safetensors", ".npy", ".parquet")
-
-
-class _Images(Dataset):
-    def __init__(self, paths: Sequence[Path], indices: Sequence[int], transform: Callable) -> None:
-        self.paths, self.indices, self.transform = paths, indices, transform
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        idx = self.indices[i]
-        try:
-            return idx, self.transform(load_image(self.paths[idx])), None
-        except ImageLoadError as e:
-            return idx, None, str(e)
-
-
-def _collate(items):
-    ok = [(i, x) for i, x, err in items if err is None]
-    errors = [(i, err) for i, _, err in items if err is not None]
-    index = torch.tensor([i for i, _ in ok], dtype=torch.long)
-    images = torch.stack([x for _, x in ok]) if ok else None
-    return index, images, errors
 
 
 @dataclass
@@ -81,6 +59,7 @@ def embed_paths(
     parts_dir = Path(parts_dir)
     parts_dir.mkdir(parents=True, exist_ok=True)
     paths = [Path(p) for p in paths]
+    files = FileSource(paths)
     mine = list(range(rank, len(paths), world))
     chunks = [mine[i : i + chunk_size] for i in range(0, len(mine), chunk_size)]
     todo = [(c, idx) for c, idx in enumerate(chunks) if not (parts_dir / f"rank{rank}-{c:06d}.safetensors").exists()]
@@ -88,8 +67,8 @@ def embed_paths(
     bar = tqdm(total=sum(len(i) for _, i in todo), unit="img", desc=f"embed[{rank}]" if world > 1 else "embed",
                disable=not progress or (rank != 0), file=sys.stderr)
     for c, indices in todo:
-        loader = DataLoader(_Images(paths, indices, transform), batch_size=batch_size, num_workers=workers,
-                            collate_fn=_collate, persistent_workers=False)
+        loader = DataLoader(Transformed(files, indices, transform), batch_size=batch_size, num_workers=workers,
+                            collate_fn=collate_skipping_errors, persistent_workers=False)
         got_idx, got_cls, got_patch, errors = [], [], [], {}
         for index, images, errs in loader:
             for i, msg in errs:
@@ -195,7 +174,12 @@ def read_features(path: str | os.PathLike) -> EmbedResult:
         patch_file = path.with_suffix(".patch.npy")
         patch = torch.from_numpy(np.load(patch_file)) if patch_file.exists() else None
         return EmbedResult(paths, torch.from_numpy(np.load(path)), patch)
-    import pyarrow.parquet as pq
-
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading .parquet needs pyarrow: pip install 'dinollama[parquet]'") from None
     table = pq.read_table(path).to_pydict()
-    return EmbedResult(table["path"], torch.tensor(np.stack(table["cls"])))
+    cls = torch.tensor(np.stack(table["cls"]), dtype=torch.float32)  # the lists come back as Python floats
+    patch = (torch.tensor(np.stack(table["patch"]), dtype=torch.float32).reshape(len(cls), -1, cls.shape[1])
+             if "patch" in table else None)
+    return EmbedResult(table["path"], cls, patch)

@@ -38,6 +38,7 @@ class ViTConfig:
     interpolate_offset: float = 0.1
     crop: CropPolicy = "crop"
     default_image_size: int = 224
+    crop_pct: float = 0.875  # evaluation preprocessing: resize to default_image_size / crop_pct, centre-crop
     norm_eps: float = 1e-6
 
     def to_dict(self) -> dict:

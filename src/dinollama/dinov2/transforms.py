@@ -63,9 +63,10 @@ def make_eval_transform(resize_size: int = 256, crop_size: int = 224) -> EvalTra
 
 
 def default_transform(model) -> EvalTransform:
-    """Preprocessing for ``model`` at its ``default_image_size`` (resize ratio 256/224 as the official one)."""
+    """Preprocessing for ``model`` at its ``default_image_size``: resize the short side to
+    ``size / cfg.crop_pct`` and centre-crop (the official 256 -> 224 is ``crop_pct`` 0.875)."""
     crop = int(getattr(model, "default_image_size", 224))
     cfg = getattr(model, "cfg", None)
     mean = tuple(getattr(cfg, "mean", IMAGENET_MEAN))
     std = tuple(getattr(cfg, "std", IMAGENET_STD))
-    return EvalTransform(round(crop * 256 / 224), crop, mean, std)
+    return EvalTransform(round(crop / getattr(cfg, "crop_pct", 0.875)), crop, mean, std)

@@ -44,7 +44,10 @@ def read_documents(source: str | os.PathLike, extensions: tuple[str, ...] = CODE
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such folder or file (give a source folder, a .jsonl or a .parquet file)")
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"{path}: reading .parquet needs pyarrow: pip install 'dinollama[parquet]'") from None
 
         table = pq.read_table(path)
         col = field or next((c for c in ("text", "content") if c in table.column_names), None)

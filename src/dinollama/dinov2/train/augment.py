@@ -156,6 +156,9 @@ class MultiCropConfig:
     official_blur_bug: bool = False
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # The exported backbone's evaluation crop (``ViTConfig.crop_pct``): 0.875 is the official 256 -> 224;
+    # 1.0 keeps the whole frame (small, tightly framed images such as Fashion-MNIST).
+    eval_crop_pct: float = 0.875
 
 
 class MultiCrop:

@@ -1,4 +1,4 @@
-"""Training data: image sources, multi-crop samples and a resumable, shard-invariant sampler.
+"""Training data: multi-crop samples and a resumable, shard-invariant sampler (sources: ``dinollama.data.datasets``).
 
 A run's sample order is a fixed stream (one seeded permutation per epoch, concatenated); iteration
 ``it`` takes the global batch ``stream[it * B : (it + 1) * B]`` and rank ``r`` its ``r``-th slice.
@@ -10,87 +10,15 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
-from torch import Tensor
 
-from ...data.images import list_images, load_image
-from ...data.mnist import load_fashion_mnist
+from ...data.datasets import ArraySource, FileSource, ImageSource, open_source
 from .augment import MultiCrop
 from .masking import BlockMasking, batch_masks
 from .ssl import Batch
 
-
-class ImageSource:
-    """Images by index as float ``(3, H, W)`` in [0, 1], with integer labels when known."""
-
-    labels: Tensor | None = None
-    classes: list[str] | None = None
-
-    def __len__(self) -> int:
-        raise NotImplementedError
-
-    def image(self, i: int) -> Tensor:
-        raise NotImplementedError
-
-    def pil(self, i: int):
-        from PIL import Image
-
-        arr = (self.image(i).expand(3, -1, -1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        return Image.fromarray(arr)
-
-
-class ArraySource(ImageSource):
-    """uint8 images ``(N, H, W)`` or ``(N, H, W, 3)`` held in memory (Fashion-MNIST, MNIST)."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, classes: list[str] | None = None) -> None:
-        self.images = images
-        self.labels = torch.as_tensor(labels) if labels is not None else None
-        self.classes = classes
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def image(self, i: int) -> Tensor:
-        """``(3, H, W)``, or ``(1, H, W)`` for grayscale data (the augmentations treat it as gray RGB)."""
-        x = torch.tensor(self.images[i], dtype=torch.float32).div_(255)
-        return x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1).contiguous()
-
-
-class FileSource(ImageSource):
-    """Image files; labels from the class folder when the tree is ``root/<class>/<image>``."""
-
-    def __init__(self, paths: list[Path], root: Path | None = None) -> None:
-        self.paths = paths
-        if root is not None and paths and all(p.parent.parent == root for p in paths):
-            self.classes = sorted({p.parent.name for p in paths})
-            index = {c: i for i, c in enumerate(self.classes)}
-            self.labels = torch.tensor([index[p.parent.name] for p in paths])
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def image(self, i: int) -> Tensor:
-        arr = np.asarray(load_image(self.paths[i]), dtype=np.float32) / 255.0
-        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
-def open_source(spec: str, split: str = "train") -> ImageSource:
-    """``fashion-mnist`` (Debian package or ``fashion-mnist:/folder``), ``fashion-mnist:mini`` (the
-    committed subset), an image folder, or a file list (txt/csv/jsonl)."""
-    from ...data.mnist import FASHION_CLASSES
-
-    if spec.split(":")[0] in ("fashion-mnist", "fmnist"):
-        root = spec.split(":", 1)[1] if ":" in spec else None
-        images, labels = load_fashion_mnist(split, root)
-        return ArraySource(images, labels, FASHION_CLASSES)
-    path = Path(spec)
-    paths = list_images(path)
-    if not paths:
-        raise ValueError(f"{spec}: no images found (give a folder of images, a file list, or fashion-mnist)")
-    return FileSource(paths, path if path.is_dir() else None)
+__all__ = ["ArraySource", "Collate", "FileSource", "ImageSource", "MultiCropDataset", "StreamSampler", "open_source"]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -24,7 +24,8 @@ def build_backbone(cfg: SSLConfig, drop_path: bool = True) -> DinoVisionTransfor
         s.arch, patch_size=s.patch_size, drop_path_rate=s.drop_path_rate if drop_path else 0.0,
         init_values=s.layerscale or None, ffn_layer=s.ffn_layer, num_register_tokens=s.num_register_tokens,
         interpolate_antialias=bool(s.num_register_tokens), interpolate_offset=0.0 if s.num_register_tokens else 0.1,
-        img_size=cfg.crops.global_crops_size, default_image_size=cfg.crops.global_crops_size, **overrides,
+        img_size=cfg.crops.global_crops_size, default_image_size=cfg.crops.global_crops_size,
+        crop_pct=cfg.crops.eval_crop_pct, **overrides,
     )
 
 
