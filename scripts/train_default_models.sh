@@ -34,6 +34,11 @@ $BIN/dinollama train code --data "$CORPUS" --tokenizer runs/code/tokenizer.model
 $BIN/dinollama train code --init runs/code/model --data "$CORPUS" --output runs/code-ft --seq-len 512 \
     --max-doc-chars 1200 --set max_iters=150 --set batch_size=16 --set lr=3e-4 --set warmup_iters=10 \
     --set eval_every=75 --set save_every=50 --set log_every=10 --set seed=1
-$BIN/python scripts/code_model_report.py runs/code-ft "$CORPUS" \
+# Then 650 more iterations (a new warm-up + cosine at lr 5e-4, another shuffle) on the same prepared data.
+mkdir -p runs/code-ft2/data && cp runs/code-ft/data/* runs/code-ft2/data/
+$BIN/dinollama train code --init runs/code-ft/model --data "$CORPUS" --output runs/code-ft2 --seq-len 512 \
+    --max-doc-chars 1200 --set max_iters=650 --set batch_size=16 --set lr=5e-4 --set warmup_iters=20 \
+    --set eval_every=325 --set save_every=50 --set log_every=10 --set seed=2
+$BIN/python scripts/code_model_report.py runs/code-ft2 "$CORPUS" \
     --snippets src/dinollama/codellama/weights/default/heldout_snippets.json
-$BIN/python scripts/export_code_model.py runs/code-ft/model src/dinollama/codellama/weights/default
+$BIN/python scripts/export_code_model.py runs/code-ft2/model src/dinollama/codellama/weights/default
