@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,8 @@ def cmd_demo(args) -> int:
     xte, yte = load_fashion_mnist("test", "mini")
     xtr, ytr, xte, yte = xtr[: args.n_train], ytr[: args.n_train], xte[: args.n_test], yte[: args.n_test]
     for split, (x, y) in {"train": (xtr, ytr), "test": (xte, yte)}.items():
-        if not (out / split).exists():
+        if not (out / split).exists() or sum(1 for _ in (out / split).rglob("*.png")) != len(x):
+            shutil.rmtree(out / split, ignore_errors=True)  # left by a run with other --n-train/--n-test
             _write_folder(x, y, out / split)
     model = args.model
     print(f"[1/5] embedding {len(xtr)} + {len(xte)} real Fashion-MNIST images (the test images were held out of its training) with {model}")
