@@ -78,16 +78,18 @@ def _dist() -> tuple[int, int]:
 
 
 def _all_gather_rows(x: Tensor, world: int) -> list[Tensor]:
-    """Every rank's ``x`` (row counts may differ by rank)."""
-    n = torch.tensor([len(x)])
+    """Every rank's ``x`` on the CPU (row counts may differ by rank; NCCL needs the transfer on the GPU)."""
+    nccl = torch.distributed.get_backend() == "nccl"
+    dev = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    n = torch.tensor([len(x)], device=dev)
     counts = [torch.zeros_like(n) for _ in range(world)]
     torch.distributed.all_gather(counts, n)
     most = int(max(c.item() for c in counts))
-    padded = torch.zeros((most, *x.shape[1:]), dtype=x.dtype)
-    padded[: len(x)] = x
+    padded = torch.zeros((most, *x.shape[1:]), dtype=x.dtype, device=dev)
+    padded[: len(x)] = x.to(dev)
     out = [torch.zeros_like(padded) for _ in range(world)]
     torch.distributed.all_gather(out, padded)
-    return [o[: int(c.item())] for o, c in zip(out, counts)]
+    return [o[: int(c.item())].cpu() for o, c in zip(out, counts)]
 
 
 @torch.inference_mode()
