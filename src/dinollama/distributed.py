@@ -29,6 +29,13 @@ def setup() -> tuple[int, int, torch.device]:
     return int(os.environ.get("RANK", "0")), world, device
 
 
+def rank_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the joined process group, ``(0, 1)`` outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

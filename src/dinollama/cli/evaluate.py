@@ -98,7 +98,9 @@ def train_test(args):
 
 
 def _rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    from ..distributed import rank_world
+
+    return rank_world()[0] == 0
 
 
 def _write(args, result: dict, lines: list[str]) -> int:
@@ -169,7 +171,7 @@ def cmd_linear(args) -> int:
         args.backbone = _Backbone(args)
         test = labelled_features(args.test, args, "test")
         probe = LinearProbe.load(args.head, embed_dim=test.blocks.shape[-1])
-        if probe.classes != test.classes and len(probe.classes) != len(test.classes):
+        if len(probe.classes) != len(test.classes):
             print(f"note: the head has {len(probe.classes)} classes, the test set {len(test.classes)}", file=sys.stderr)
         acc = probe.accuracy(test)
         return _report(args, {"protocol": "linear", "head": str(args.head), "n_test": len(test), "n_train": 0,

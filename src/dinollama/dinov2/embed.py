@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..data import ImageLoadError
 from ..data.datasets import FileSource, Transformed, collate_skipping_errors
+from ..distributed import rank_world
 
 FORMATS = (".safetensors", ".npy", ".parquet")
 
@@ -32,12 +33,6 @@ class EmbedResult:
     cls: torch.Tensor
     patch: torch.Tensor | None = None
     failed: dict[str, str] = field(default_factory=dict)
-
-
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def embed_paths(
@@ -55,7 +50,7 @@ def embed_paths(
     progress: bool = True,
 ) -> None:
     """Write this rank's feature chunks into ``parts_dir``, skipping chunks already there."""
-    rank, world = _dist()
+    rank, world = rank_world()
     parts_dir = Path(parts_dir)
     parts_dir.mkdir(parents=True, exist_ok=True)
     paths = [Path(p) for p in paths]

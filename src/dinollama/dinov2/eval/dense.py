@@ -92,9 +92,9 @@ class DenseDataset(torch.utils.data.Dataset):
         tgt = load_target(tgt_path, self.task, self.depth_scale, self.reduce_zero_label)
         if tgt.shape != (img.height, img.width):
             raise ValueError(f"{tgt_path}: target {tuple(tgt.shape)} does not match image {img.height}x{img.width}")
-        if not self.train:
-            return to_tensor(resize_short_side(img, self.size), self.mean, self.std), tgt
         x = to_tensor(resize_short_side(img, self.size), self.mean, self.std)
+        if not self.train:
+            return x, tgt
         t = F.interpolate(tgt[None, None].float(), size=x.shape[1:], mode="nearest")[0, 0]
         top = int(torch.randint(x.shape[1] - self.size + 1, (1,)))
         left = int(torch.randint(x.shape[2] - self.size + 1, (1,)))

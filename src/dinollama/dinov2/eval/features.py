@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ...data.datasets import ImageSource, Transformed, collate_skipping_errors
+from ...distributed import rank_world
 
 
 @dataclass
@@ -71,12 +72,6 @@ class FeatureSet:
                    json.loads(meta.get("failed", "{}")))
 
 
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _all_gather_rows(x: Tensor, world: int) -> list[Tensor]:
     """Every rank's ``x`` on the CPU (row counts may differ by rank; NCCL needs the transfer on the GPU)."""
     nccl = torch.distributed.get_backend() == "nccl"
@@ -100,7 +95,7 @@ def extract_features(model, source: ImageSource, transform: Callable, *, n_block
     if source.labels is None:
         raise ValueError("the dataset has no labels: use a class-folder tree, a labelled csv/jsonl list, "
                          "fashion-mnist or imagenet:ROOT")
-    rank, world = _dist()
+    rank, world = rank_world()
     device = next(model.parameters()).device
     n_blocks = min(n_blocks, len(model.blocks))
     mine = list(range(rank, len(source), world))
@@ -151,7 +146,7 @@ def cached_features(cache_dir: str | os.PathLike | None, key: str, compute: Call
     if path.exists():
         return FeatureSet.load(path)
     feats = compute()
-    rank, _ = _dist()
+    rank, _ = rank_world()
     if rank == 0:
         feats.save(path)
     return feats
