@@ -73,11 +73,14 @@ def embed_paths(
                 errors[str(i)] = msg
             if images is not None:
                 with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    out = model.forward_features(images.to(device))
+                    if patch_tokens:
+                        out = model.forward_features(images.to(device))
+                        cls = out["x_norm_clstoken"]
+                        got_patch.append(out["x_norm_patchtokens"].float().cpu())
+                    else:
+                        cls = model(images.to(device))  # class token only: less work in the last block
                 got_idx.append(index)
-                got_cls.append(out["x_norm_clstoken"].float().cpu())
-                if patch_tokens:
-                    got_patch.append(out["x_norm_patchtokens"].float().cpu())
+                got_cls.append(cls.float().cpu())
             bar.update(len(index) + len(errs))
         tensors = {
             "index": torch.cat(got_idx) if got_idx else torch.zeros(0, dtype=torch.long),

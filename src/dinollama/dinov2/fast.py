@@ -5,25 +5,67 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from ..nn import Attention, onednn_available, pack_linears
-from .model import DinoVisionTransformer
+from ..nn import Attention, LayerScale, Mlp, PackedLinear, onednn_available, self_attention
+from .model import Block, DinoVisionTransformer
+
+
+def _gamma(ls: nn.Module) -> Tensor | None:
+    return ls.gamma if isinstance(ls, LayerScale) else None
+
+
+class InferenceBlock(nn.Module):
+    """A :class:`Block` rewritten for CPU inference on oneDNN, with the same outputs.
+
+    Both LayerScales are folded into ``attn.proj`` / ``mlp.fc2`` (``w3``), the GELU into ``fc1``
+    and both residual adds into the projections, so a block runs four matrix multiplies, two
+    LayerNorms and the attention, and no elementwise passes of its own.
+    """
+
+    def __init__(self, block: Block, rows_hint: int, dtype: torch.dtype, bmm: bool) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = block.norm1.to(dtype), block.norm2.to(dtype)
+        self.num_heads, self.bmm = block.attn.num_heads, bmm
+        self.qkv = PackedLinear(block.attn.qkv, rows_hint, dtype=dtype)
+        self.proj = PackedLinear(block.attn.proj, rows_hint, scale=_gamma(block.ls1), dtype=dtype)
+        mlp = block.mlp
+        self.gated = not isinstance(mlp, Mlp)  # SwiGLUFused: silu(first half) * second half
+        fc_in, fc_out = (mlp.w12, mlp.w3) if self.gated else (mlp.fc1, mlp.fc2)
+        self.fc_in = PackedLinear(fc_in, rows_hint, activation="none" if self.gated else "gelu", dtype=dtype)
+        self.fc_out = PackedLinear(fc_out, rows_hint, scale=_gamma(block.ls2), dtype=dtype)
+
+    def forward(
+        self, x: Tensor, return_attention: bool = False, queries: int | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        out, weights = self_attention(self.qkv(self.norm1(x)), self.num_heads, return_attention, self.bmm, queries)
+        x = self.proj(out, residual=x[:, :queries])
+        h = self.fc_in(self.norm2(x))
+        if self.gated:
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        return self.fc_out(h, residual=x), weights
 
 
 def optimize_for_inference(
     model: DinoVisionTransformer, dtype: torch.dtype | None = None, rows_hint: int = 2048, inplace: bool = False
 ) -> DinoVisionTransformer:
-    """Cast, pre-pack linear weights for oneDNN and pick the fastest attention kernel, on CPU.
+    """Cast, fuse and pre-pack the blocks for oneDNN and pick the fastest attention kernel, on CPU.
 
-    Call it after the weights are loaded: packed weights are not part of ``state_dict()``. On
-    other devices only the dtype changes. The result is for ``torch.inference_mode()``.
+    Call it after the weights are loaded: the rewritten blocks have no ``state_dict()`` entries.
+    LayerScale is folded into the weights before the cast, from the original precision. On other
+    devices only the dtype changes. The result is for ``torch.inference_mode()``.
     """
     model = model if inplace else copy.deepcopy(model)
-    model = model.eval().requires_grad_(False).to(dtype=dtype)
-    on_cpu = next(model.parameters()).device.type == "cpu"
+    model = model.eval().requires_grad_(False)
+    dtype = dtype or model.cls_token.dtype
+    on_cpu = model.cls_token.device.type == "cpu"
+    bmm = on_cpu and dtype in (torch.bfloat16, torch.float16)
     if on_cpu and onednn_available():
-        pack_linears(model.blocks, rows_hint)
+        model.blocks = nn.ModuleList(InferenceBlock(b, rows_hint, dtype, bmm) for b in model.blocks)
+    model = model.to(dtype=dtype)
     for m in model.modules():
         if isinstance(m, Attention):
-            m.bmm_attention = on_cpu and model.cls_token.dtype in (torch.bfloat16, torch.float16)
+            m.bmm_attention = bmm
     return model

@@ -82,9 +82,12 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, cfg.init_values) if cfg.init_values else nn.Identity()
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: Tensor, return_attention: bool = False) -> tuple[Tensor, Tensor | None]:
-        attn_out, weights = self.attn(self.norm1(x), return_attention=return_attention)
-        x = x + self.drop_path(self.ls1(attn_out))
+    def forward(
+        self, x: Tensor, return_attention: bool = False, queries: int | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """``queries=n`` computes the first ``n`` output tokens only (all tokens are still attended to)."""
+        attn_out, weights = self.attn(self.norm1(x), return_attention, queries)
+        x = x[:, :queries] + self.drop_path(self.ls1(attn_out))
         x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return x, weights
 
@@ -259,8 +262,18 @@ class DinoVisionTransformer(nn.Module):
         return self.get_attention_maps(x, 1)[0]
 
     def forward(self, x: Tensor, masks: Tensor | None = None, is_training: bool = False):
-        ret = self.forward_features(x, masks)
-        return ret if is_training else self.head(ret["x_norm_clstoken"])
+        """``forward_features`` when training, else the head of the final-norm class token.
+
+        Only the class token leaves the last block here, so that block computes its attention
+        and MLP for that one token (it still attends to all): the same output, ~7% less work.
+        """
+        if is_training:
+            return self.forward_features(x, masks)
+        tokens = self.prepare_tokens_with_masks(x, masks)
+        for blk in self.blocks[:-1]:
+            tokens, _ = blk(tokens)
+        cls, _ = self.blocks[-1](tokens, queries=1)
+        return self.head(self.norm(cls)[:, 0])
 
 
 def build_vit(arch: str | ViTConfig, **overrides) -> DinoVisionTransformer:

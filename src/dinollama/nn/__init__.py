@@ -1,6 +1,6 @@
 """Transformer parts shared by the DINOv2 and Code Llama families."""
 
-from .attention import Attention, sdpa
+from .attention import Attention, sdpa, self_attention
 from .fast import PackedLinear, bmm_attention, onednn_available, pack_linears
 from .layers import DropPath, LayerScale, Mlp, RMSNorm, SwiGLU, SwiGLUFused, swiglu_hidden_dim
 from .rope import apply_rotary_emb, precompute_freqs_cis
@@ -20,5 +20,6 @@ __all__ = [
     "pack_linears",
     "precompute_freqs_cis",
     "sdpa",
+    "self_attention",
     "swiglu_hidden_dim",
 ]

@@ -37,6 +37,26 @@ def sdpa(
     return weights @ v, weights
 
 
+def self_attention(
+    qkv: Tensor, num_heads: int, return_attention: bool = False, bmm: bool = False, queries: int | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """Multi-head self-attention from a fused ``(B, T, 3C)`` qkv projection to ``(B, T, C)``.
+
+    ``bmm`` picks :func:`bmm_attention` (faster than the fused kernels for bf16 on CPU) unless the
+    attention map is wanted. ``queries=n`` attends from the first ``n`` tokens only (to all keys).
+    """
+    b, n, c3 = qkv.shape
+    c = c3 // 3
+    q, k, v = qkv.reshape(b, n, 3, num_heads, c // num_heads).permute(2, 0, 3, 1, 4)
+    if queries is not None:
+        q, n = q[:, :, :queries], min(queries, n)
+    if bmm and not return_attention:
+        out, weights = bmm_attention(q, k, v), None
+    else:
+        out, weights = sdpa(q, k, v, return_weights=return_attention)
+    return out.transpose(1, 2).reshape(b, n, c), weights
+
+
 class Attention(nn.Module):
     """ViT self-attention with one fused ``qkv`` projection (the official DINOv2 layout)."""
 
@@ -45,15 +65,12 @@ class Attention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.bmm_attention = False  # set by optimize_for_inference where it is faster (bf16 on CPU)
+        self.bmm_attention = False  # set where it is faster (bf16 on CPU)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
-    def forward(self, x: Tensor, return_attention: bool = False) -> tuple[Tensor, Tensor | None]:
-        b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        if self.bmm_attention and not return_attention:
-            out, weights = bmm_attention(qkv[0], qkv[1], qkv[2]), None
-        else:
-            out, weights = sdpa(qkv[0], qkv[1], qkv[2], return_weights=return_attention)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c)), weights
+    def forward(
+        self, x: Tensor, return_attention: bool = False, queries: int | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        out, weights = self_attention(self.qkv(x), self.num_heads, return_attention, self.bmm_attention, queries)
+        return self.proj(out), weights
