@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ...distributed import setup
-from ...training import CosineSchedule, autocast_dtype, load_checkpoint, save_checkpoint
+from ...training import CosineSchedule, autocast_dtype, keep_freed_memory, load_checkpoint, save_checkpoint
 from ..model import ModelArgs, Transformer
 from .lora import apply_lora, merge_lora
 from .sft import IGNORE
@@ -100,6 +100,7 @@ class CodeTrainer:
                  tokenizer_file: str | Path | None = None, progress: bool = True) -> None:
         self.cfg, self.out, self.progress = cfg, Path(output_dir), progress
         self.tokenizer_file = tokenizer_file
+        keep_freed_memory()
         self.rank, self.world, self.device = setup()
         torch.manual_seed(cfg.seed + self.rank)
         self.train = TokenWindows(Path(data_dir) / "train.npy")

@@ -42,6 +42,50 @@ def sinkhorn_knopp(logits: Tensor, temp: float, n_iterations: int = 3, n_total: 
     return (q * b).t()
 
 
+def _row_chunks(n_rows: int, n_cols: int) -> list[slice]:
+    """Row slices of about 1 MiB of fp32 each, so that a chunk stays in cache between passes."""
+    step = max(1, (1 << 18) // max(n_cols, 1))
+    return [slice(i, i + step) for i in range(0, n_rows, step)]
+
+
+def _scaled(logits: Tensor, temp: float) -> Tensor:
+    return logits.to(torch.float32, copy=True).div_(temp)  # a copy even from fp32: the input is not ours
+
+
+class _SoftCrossEntropy(torch.autograd.Function):
+    """Row-wise ``-sum(t * log_softmax(s / temp))`` = ``lse(s / temp) * sum(t) - t . s / temp``.
+
+    With 65,536 prototypes the plain expression makes about ten fp32 passes over ``N x K`` in
+    memory (cast, divide, log-softmax, multiply and their gradients, each a fresh 100+ MB tensor).
+    Here each chunk of rows goes through all of them while it is in cache, and the backward
+    recomputes the softmax from the saved logits instead of keeping fp32 log-probabilities.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, temp: float) -> Tensor:
+        out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        for j in _row_chunks(*logits.shape):
+            x, t = _scaled(logits[j], temp), targets[j].float()
+            out[j] = torch.logsumexp(x, dim=-1) * t.sum(-1) - (t * x).sum(-1)
+        ctx.save_for_backward(logits, targets)
+        ctx.temp = temp
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        logits, targets = ctx.saved_tensors
+        g = torch.empty_like(logits)
+        for j in _row_chunks(*logits.shape):
+            p, t = torch.softmax(_scaled(logits[j], ctx.temp), dim=-1), targets[j].float()
+            g[j] = p.mul_(t.sum(-1, keepdim=True)).sub_(t).mul_((grad[j] / ctx.temp).unsqueeze(-1))
+        return g, None, None
+
+
+def soft_cross_entropy(logits: Tensor, targets: Tensor, temp: float) -> Tensor:
+    """Per-row ``-sum(targets * log_softmax(logits / temp))`` in fp32, computed in cache-sized chunks."""
+    return _SoftCrossEntropy.apply(logits, targets.detach(), temp)
+
+
 class _Centered(nn.Module):
     """Teacher-side normalisation shared by the DINO and iBOT losses."""
 
@@ -53,25 +97,31 @@ class _Centered(nn.Module):
 
     @torch.no_grad()
     def softmax_center_teacher(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
-        return F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
+        out = torch.empty(teacher_logits.shape, dtype=torch.float32, device=teacher_logits.device)
+        for j in _row_chunks(*teacher_logits.shape):  # in cache, as in soft_cross_entropy
+            torch.softmax((teacher_logits[j].float() - self.center).div_(teacher_temp), dim=-1, out=out[j])
+        return out
 
     @torch.no_grad()
     def update_center(self, teacher_logits: Tensor) -> None:
-        total = _all_reduce(teacher_logits.float().sum(dim=0, keepdim=True))
+        total = _all_reduce(teacher_logits.sum(dim=0, keepdim=True, dtype=torch.float32))
         count = _all_reduce(torch.tensor(float(teacher_logits.shape[0]), device=total.device))
         batch_center = total / count.clamp(min=1)
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
     def cross_entropy(self, student_logits: Tensor, teacher_probs: Tensor) -> Tensor:
         """Per-row ``-sum(t * log_softmax(s / T_s))``."""
-        return -(teacher_probs * F.log_softmax(student_logits.float() / self.student_temp, dim=-1)).sum(-1)
+        return soft_cross_entropy(student_logits, teacher_probs, self.student_temp)
 
 
 class DINOLoss(_Centered):
     """Cross-entropy between each student view and each teacher view (summed over pairs)."""
 
     def forward(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
-        return sum(self.cross_entropy(s, t).mean() for s in student for t in teacher)
+        # The cross-entropy is linear in the target: one pass per student view against the summed
+        # teacher views equals the sum over all (student, teacher) pairs.
+        summed = torch.stack(teacher).sum(0) if len(teacher) > 1 else teacher[0]
+        return sum(self.cross_entropy(s, summed).mean() for s in student)
 
 
 class iBOTPatchLoss(_Centered):

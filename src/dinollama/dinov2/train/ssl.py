@@ -51,16 +51,19 @@ class SSLNetwork(nn.Module):
         if local_crops is not None and local_crops.numel():
             cls.insert(0, self.backbone.forward_features(local_crops)["x_norm_clstoken"])
         n_local = cls[0].shape[0] if len(cls) == 2 else 0
+        # split(), not slicing: its backward concatenates the parts' gradients, where three slices
+        # would each zero-fill a gradient of the whole (rows x 65,536) logits.
+        sizes = [n_local, g_cls.shape[0]]
         if self.separate_ibot:
-            logits = self.dino_head(torch.cat(cls))
+            local_logits, global_logits = self.dino_head(torch.cat(cls)).split(sizes)
             patch_logits = self.ibot_head(patches)
         else:
             logits = self.dino_head(torch.cat(cls + [patches]))
-            patch_logits = logits[n_local + g_cls.shape[0] :]
+            local_logits, global_logits, patch_logits = logits.split(sizes + [patches.shape[0]])
         return {
             "global_cls": g_cls,
-            "local_logits": logits[:n_local],
-            "global_logits": logits[n_local : n_local + g_cls.shape[0]],
+            "local_logits": local_logits,
+            "global_logits": global_logits,
             "patch_logits": patch_logits,
         }
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ...distributed import setup
 from ...nn import Attention
-from ...training import autocast_dtype, load_checkpoint, save_checkpoint
+from ...training import autocast_dtype, keep_freed_memory, load_checkpoint, save_checkpoint
 from ..hub import save as save_backbone
 from .augment import MultiCrop
 from .config import SSLConfig
@@ -85,6 +85,7 @@ class Trainer:
     def __init__(self, cfg: SSLConfig, data: str | ImageSource, output_dir: str | Path,
                  teacher: SSLNetwork | None = None, progress: bool = True) -> None:
         self.cfg, self.out, self.progress = cfg, Path(output_dir), progress
+        keep_freed_memory()
         self.rank, self.world, self.device = setup()
         self.source = open_source(data) if isinstance(data, str) else data
         self.train_ids, self.holdout_ids = split_holdout(self.source, cfg.train.knn_holdout, cfg.train.seed)
