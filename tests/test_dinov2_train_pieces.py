@@ -237,7 +237,7 @@ def test_ema_update():
 
 _FAULTS = """
 import resource, sys, torch
-from dinollama.training import keep_freed_memory
+from dinollama.memory import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 torch.ones(50_000_000).sum()  # 200 MB, touched and freed

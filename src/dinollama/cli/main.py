@@ -27,8 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     from ..data import ImageLoadError
     from ..dinov2.train import TrainingError
     from ..io import CheckpointError, OfflineError
+    from ..memory import keep_freed_memory
 
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # every command is a long job over large tensors
     try:
         return args.func(args) or 0
     except (CheckpointError, OfflineError, ImageLoadError, FileNotFoundError, ValueError, TrainingError) as e:

@@ -25,7 +25,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ...distributed import setup
-from ...training import CosineSchedule, autocast_dtype, keep_freed_memory, load_checkpoint, save_checkpoint
+from ...memory import keep_freed_memory
+from ...training import CosineSchedule, autocast_dtype, load_checkpoint, save_checkpoint
 from ..model import ModelArgs, Transformer
 from .lora import apply_lora, merge_lora
 from .sft import IGNORE

@@ -17,8 +17,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from tqdm import tqdm
 
 from ...distributed import setup
+from ...memory import keep_freed_memory
 from ...nn import Attention
-from ...training import autocast_dtype, keep_freed_memory, load_checkpoint, save_checkpoint
+from ...training import autocast_dtype, load_checkpoint, save_checkpoint
 from ..hub import save as save_backbone
 from .augment import MultiCrop
 from .config import SSLConfig
