@@ -51,9 +51,8 @@ def self_attention(
     if queries is not None:
         q, n = q[:, :, :queries], min(queries, n)
     if bmm and not return_attention:
-        out, weights = bmm_attention(q, k, v), None
-    else:
-        out, weights = sdpa(q, k, v, return_weights=return_attention)
+        return bmm_attention(q, k, v).reshape(b, n, c), None
+    out, weights = sdpa(q, k, v, return_weights=return_attention)
     return out.transpose(1, 2).reshape(b, n, c), weights
 
 

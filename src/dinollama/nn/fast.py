@@ -75,23 +75,20 @@ def pack_linears(module: nn.Module, rows_hint: int = 2048) -> nn.Module:
     return module
 
 
-def bmm_attention(q: Tensor, k: Tensor, v: Tensor, heads_per_chunk: int = 16) -> Tensor:
-    """Non-causal softmax attention as two batched matmuls; ``(B, H, T, hd)`` in and out.
+def bmm_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Non-causal softmax attention as two batched matmuls: ``(B, H, T, hd)`` in, ``(B, T, H, hd)`` out.
 
-    Without autograd the (batch, head) pairs go in chunks, so that each chunk's score matrices
-    stay in cache from the first matmul through the softmax to the second.
+    Without autograd it goes one batch element at a time: that element's score matrices stay in
+    cache from the first matmul through the softmax to the second, its heads are read as strided
+    views of the fused qkv projection (no copies), and the result lands in token-major order.
     """
     b, h, t, d = q.shape
-    q2, k2, v2 = q.reshape(b * h, t, d), k.reshape(b * h, -1, d), v.reshape(b * h, -1, d)
-
-    def weights(j: slice) -> Tensor:
-        scores = torch.baddbmm(q2.new_empty(1, 1, 1), q2[j], k2[j].transpose(1, 2), beta=0.0, alpha=d**-0.5)
-        return F.softmax(scores, dim=-1)
-
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return torch.bmm(weights(slice(None)), v2).view(b, h, t, d)  # out= records no graph
-    out = torch.empty_like(q2)
-    for i in range(0, b * h, heads_per_chunk):
-        j = slice(i, i + heads_per_chunk)
-        torch.bmm(weights(j), v2[j], out=out[j])
-    return out.view(b, h, t, d)
+        q2, k2, v2 = q.reshape(b * h, t, d), k.reshape(b * h, -1, d), v.reshape(b * h, -1, d)
+        scores = torch.baddbmm(q2.new_empty(1, 1, 1), q2, k2.transpose(1, 2), beta=0.0, alpha=d**-0.5)
+        return torch.bmm(F.softmax(scores, dim=-1), v2).view(b, h, t, d).transpose(1, 2)
+    out = q.new_empty(b, t, h, d)
+    for i in range(b):
+        scores = torch.baddbmm(q.new_empty(1, 1, 1), q[i], k[i].transpose(1, 2), beta=0.0, alpha=d**-0.5)
+        out[i] = torch.bmm(F.softmax(scores, dim=-1), v[i]).transpose(0, 1)
+    return out
