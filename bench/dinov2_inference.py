@@ -1,18 +1,27 @@
 """Images/s of dinollama's DINOv2 backbone vs transformers' Dinov2Model, same weights, same batch.
 
-    python bench/dinov2_inference.py [--models s b] [--dtypes fp32 bf16] [--batch 8] [--iters 5]
+    python bench/dinov2_inference.py [--models s b] [--dtypes fp32 bf16] [--batch 8] [--iters 12]
 
-Everything is measured side by side in one process, interleaved round by round, so the ratios are
-meaningful on a noisy machine; the lone seconds are not. ``ours-fast`` is ``model(x)``, the class
-embedding, whose last block computes the class token only; ``fast-all`` is ``forward_features``,
-which like the Hugging Face models carries every token through every block.
+Each model and dtype is measured in a fresh process (what one configuration leaves in the allocator
+changed the next one's figures by 10-20%); within it, everything runs side by side, interleaved round
+by round in a shuffled order. ``--keep-freed-memory`` runs both sides with
+``dinollama.memory.keep_freed_memory()`` (no page faults on reused temporaries), so the allocator's
+share of the difference can be told apart from the kernels'.
+The ratios are per round (the faster Hugging Face variant's time over ours in the same round), shown
+as the median with the middle half of the rounds in brackets: on a noisy machine they are meaningful,
+the lone seconds are not. ``ours-fast`` is ``model(x)``, the class embedding, whose last block
+computes the class token only; ``fast-all`` is ``forward_features``, which like the Hugging Face
+models carries every token through every block.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +31,7 @@ from safetensors.torch import save_file
 from transformers import Dinov2Model
 
 from dinollama.dinov2 import build, optimize_for_inference, to_hf
+from dinollama.memory import keep_freed_memory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -40,7 +50,7 @@ def timed(fn, x) -> float:
     return time.perf_counter() - t
 
 
-def run(size: str, dtype_name: str, batch: int, iters: int, res: int) -> dict[str, float]:
+def run(size: str, dtype_name: str, batch: int, iters: int, res: int) -> dict[str, list[float]]:
     dtype = DTYPES[dtype_name]
     ours = build(f"dinov2_vit{size}14").eval()
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,10 +80,19 @@ def run(size: str, dtype_name: str, batch: int, iters: int, res: int) -> dict[st
             tol = (1e-3 if dtype == torch.float32 else 0.25) if ours_k else 0.25
             err = (out - (ref if ours_k else hf)).abs().max().item()
             assert err < tol, f"{k} deviates by {err}"
-        for _ in range(iters):
-            for k, f in fns.items():
-                times[k].append(timed(f, x))
-    return {k: batch / statistics.median(v) for k, v in times.items()}
+        order = list(fns)
+        for i in range(iters):
+            random.Random(i).shuffle(order)
+            for k in order:
+                times[k].append(timed(fns[k], x))
+    return times
+
+
+def ratio(times: dict[str, list[float]], ours: str, hf: str) -> str:
+    """Median and middle half of the per-round speed-ups of ``ours`` over ``hf``."""
+    r = [a / b for a, b in zip(times[hf], times[ours], strict=True)]
+    q1, _, q3 = statistics.quantiles(r, n=4)
+    return f"{statistics.median(r):.2f}x ({q1:.2f}-{q3:.2f})"
 
 
 def main() -> None:
@@ -81,19 +100,31 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["s", "b"], choices=list("sblg"))
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--iters", type=int, default=12)
     p.add_argument("--res", type=int, default=224)
+    p.add_argument("--keep-freed-memory", action="store_true", help="glibc keeps freed memory (both sides)")
+    p.add_argument("--times-json", action="store_true", help="measure one model and dtype, print the raw times")
     args = p.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, {args.res}px; images/s (median)")
+    if args.times_json:
+        if args.keep_freed_memory:
+            keep_freed_memory()
+        print(json.dumps(run(args.models[0], args.dtypes[0], args.batch, args.iters, args.res)))
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, {args.res}px, "
+          f"{args.iters} rounds, {'freed memory kept' if args.keep_freed_memory else 'default allocator'}; "
+          f"images/s (median)")
     print(f"{'model':<10}{'dtype':<6}{'hf-eager':>10}{'hf-sdpa':>10}{'ours':>10}{'ours-fast':>11}{'fast-all':>10}"
-          f"{'fast/best-hf':>14}{'all/best-hf':>13}")
+          f"{'fast/best-hf':>22}{'all/best-hf':>22}")
     for size in args.models:
         for dt in args.dtypes:
-            r = run(size, dt, args.batch, args.iters, args.res)
-            best = max(r["hf-eager"], r["hf-sdpa"])
+            cmd = [sys.executable, __file__, "--times-json", "--models", size, "--dtypes", dt, "--batch", str(args.batch),
+                   "--iters", str(args.iters), "--res", str(args.res)] + ["--keep-freed-memory"] * args.keep_freed_memory
+            t = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            r = {k: args.batch / statistics.median(v) for k, v in t.items()}
+            best = max(("hf-eager", "hf-sdpa"), key=r.get)
             print(f"ViT-{size.upper()}/14   {dt:<6}{r['hf-eager']:>10.1f}{r['hf-sdpa']:>10.1f}{r['ours']:>10.1f}"
-                  f"{r['ours-fast']:>11.1f}{r['fast-all']:>10.1f}{r['ours-fast'] / best:>13.2f}x"
-                  f"{r['fast-all'] / best:>12.2f}x", flush=True)
+                  f"{r['ours-fast']:>11.1f}{r['fast-all']:>10.1f}{ratio(t, 'ours-fast', best):>22}"
+                  f"{ratio(t, 'fast-all', best):>22}", flush=True)
 
 
 if __name__ == "__main__":
