@@ -208,10 +208,10 @@ def test_code_training_two_processes_match_one(corpus, tmp_path, parallel):
 def test_code_training_sigkill_and_resume_matches_uninterrupted(corpus, tmp_path):
     """A run killed with SIGKILL right after a checkpoint resumes to the same final weights."""
     import os
-    import signal
     import subprocess
     import sys
-    import time
+
+    from helpers_process import kill_at_first_checkpoint
 
     _, data, _ = corpus
     args = ["--data", "unused", "--tokenizer", str(TOKENIZER), "--dim", "64", "--layers", "2", "--heads", "4",
@@ -226,12 +226,7 @@ def test_code_training_sigkill_and_resume_matches_uninterrupted(corpus, tmp_path
     cli = [sys.executable, "-m", "dinollama.cli.main", "train", "code", *args]
     subprocess.run([*cli, "--output", str(tmp_path / "full")], check=True, env=env)
     run = tmp_path / "killed"
-    proc = subprocess.Popen([*cli, "--output", str(run)], env=env)
-    deadline = time.time() + 120
-    while not (run / "checkpoint.pth").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_first_checkpoint([*cli, "--output", str(run)], run, env)
     assert not (run / "model").exists(), "the run finished before it could be killed"
     saved = torch.load(run / "checkpoint.pth", weights_only=True)["iteration"]
     assert 0 < saved < 30

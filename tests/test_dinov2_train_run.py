@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers_process import kill_at_first_checkpoint
 
 import dinollama.dinov2 as d2
 from dinollama.dinov2.train import Trainer, TrainingError, load_config
@@ -33,12 +32,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     args = [*TINY, "--set", "train.max_iterations=20", "--set", "train.saveckp_every=2"]
     subprocess.run([*CLI, "train", "ssl", *args, "--output", str(tmp_path / "full")], check=True, env=_env())
     run = tmp_path / "killed"
-    proc = subprocess.Popen([*CLI, "train", "ssl", *args, "--output", str(run)], env=_env())
-    deadline = time.time() + 120
-    while not (run / "checkpoint.pth").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_first_checkpoint([*CLI, "train", "ssl", *args, "--output", str(run)], run, _env())
     assert not (run / "backbone.safetensors").exists(), "the run finished before it could be killed"
     saved = torch.load(run / "checkpoint.pth", weights_only=True)["iteration"]
     assert 0 < saved < 20

@@ -120,7 +120,7 @@ class DINOLoss(_Centered):
     def forward(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
         # The cross-entropy is linear in the target: one pass per student view against the summed
         # teacher views equals the sum over all (student, teacher) pairs.
-        summed = torch.stack(teacher).sum(0) if len(teacher) > 1 else teacher[0]
+        summed = sum(teacher[1:], teacher[0])
         return sum(self.cross_entropy(s, summed).mean() for s in student)
 
 
