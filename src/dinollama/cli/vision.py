@@ -141,7 +141,7 @@ def cmd_download(args) -> int:
     from ..io import fetch
 
     for name in args.names:
-        core = name[:-3] if name.endswith("_lc") else name
+        core = name.removesuffix("_lc")
         urls = [weight_url(core)] + ([weight_url(core, args.layers)] if name.endswith("_lc") else [])
         for url in urls:
             print(fetch(url))

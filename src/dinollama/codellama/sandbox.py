@@ -31,10 +31,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 BASE_UID = 61000  # private user ids for sandboxed programs, one per concurrent slot
 

@@ -106,7 +106,7 @@ _QKV = {"hf": ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
 
 def from_hf(sd: StateDict, fmt: str) -> StateDict:
     """Official names for a Hugging Face ``Dinov2Model``/``Dinov2WithRegistersModel`` state dict."""
-    sd = {k[len("dinov2.") :] if k.startswith("dinov2.") else k: v for k, v in sd.items()}
+    sd = {k.removeprefix("dinov2."): v for k, v in sd.items()}
     out: StateDict = {}
     used: set[str] = set()
     for src, dst in _HF_TOP.items():

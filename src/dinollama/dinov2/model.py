@@ -7,8 +7,9 @@ those load with ``load_state_dict(strict=True)`` and no renaming.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

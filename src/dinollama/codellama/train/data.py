@@ -8,11 +8,11 @@ import json
 import os
 import random
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 

@@ -57,7 +57,7 @@ class CodeTrainConfig:
     parallel: str = "ddp"
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CodeTrainConfig":
+    def from_dict(cls, d: dict) -> CodeTrainConfig:
         known = {f.name for f in fields(cls)}
         bad = sorted(set(d) - known)
         if bad:

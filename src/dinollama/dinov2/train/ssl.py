@@ -96,7 +96,7 @@ class Batch:
         per_image = 1.0 / self.masks.sum(-1).clamp(min=1.0)
         return per_image.unsqueeze(-1).expand_as(self.masks)[self.masks]
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device) -> Batch:
         return Batch(self.global_crops.to(device, non_blocking=True), self.local_crops.to(device, non_blocking=True),
                      self.masks.to(device, non_blocking=True), self.labels)
 

@@ -42,7 +42,7 @@ class Schedules:
     last_layer_lr: CosineSchedule
 
     @classmethod
-    def build(cls, cfg: SSLConfig, iters_per_epoch: int, world: int) -> "Schedules":
+    def build(cls, cfg: SSLConfig, iters_per_epoch: int, world: int) -> Schedules:
         o, t = cfg.optim, cfg.teacher
         total = max(1, round(o.epochs * iters_per_epoch))
         warm = round(o.warmup_epochs * iters_per_epoch)
