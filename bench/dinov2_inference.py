@@ -12,6 +12,11 @@ as the median with the middle half of the rounds in brackets: on a noisy machine
 the lone seconds are not. ``ours-fast`` is ``model(x)``, the class embedding, whose last block
 computes the class token only; ``fast-all`` is ``forward_features``, which like the Hugging Face
 models carries every token through every block.
+
+Two columns bound what any rewrite can gain: ``gemm-ceiling`` times the model's largest matrix
+multiply (fc1, batch x 257 tokens) as Hugging Face runs it (``F.linear``) and as we do (oneDNN,
+pre-packed), interleaved in the same rounds; ``all GF/s`` is the matrix-multiply work of
+``forward_features`` (projections, MLP, attention, patch embedding) per second.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from transformers import Dinov2Model
 
 from dinollama.dinov2 import build, optimize_for_inference, to_hf
 from dinollama.memory import keep_freed_memory
+from dinollama.nn import PackedLinear
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -48,6 +54,25 @@ def timed(fn, x) -> float:
     t = time.perf_counter()
     fn(x)
     return time.perf_counter() - t
+
+
+def matmul_flops(model, res: int) -> float:
+    """Multiply-add work (2 FLOPs each) of one image through ``forward_features``."""
+    d, g = model.embed_dim, res // model.patch_size
+    t = 1 + model.num_register_tokens + g * g
+    linears = [m for m in model.blocks[0].modules() if isinstance(m, torch.nn.Linear)]
+    per_block = 2 * t * sum(m.in_features * m.out_features for m in linears) + 4 * t * t * d
+    return len(model.blocks) * per_block + 2 * g * g * 3 * model.patch_size**2 * d
+
+
+def gemm_pair(model, dtype: torch.dtype, rows: int) -> dict:
+    """fc1 (w12 in SwiGLU models) of the first block as Hugging Face runs it and as the fast path does."""
+    mlp = model.blocks[0].mlp
+    fc1 = mlp.fc1 if hasattr(mlp, "fc1") else mlp.w12
+    x = torch.randn(rows, fc1.in_features, dtype=dtype)
+    w, b = fc1.weight.detach().to(dtype), fc1.bias.detach().to(dtype)
+    packed = PackedLinear(fc1, rows, dtype=dtype)
+    return {"gemm-hf": lambda _: torch.nn.functional.linear(x, w, b), "gemm-ours": lambda _: packed(x)}
 
 
 def run(size: str, dtype_name: str, batch: int, iters: int, res: int) -> dict[str, list[float]]:
@@ -68,7 +93,9 @@ def run(size: str, dtype_name: str, batch: int, iters: int, res: int) -> dict[st
         "ours-fast": contenders["ours-fast"],
         "fast-all": lambda x, m=contenders["ours-fast"]: m.forward_features(x)["x_norm_clstoken"],
     }
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    gemms = gemm_pair(ours, dtype, batch * 257)
+    times: dict[str, list[float]] = {k: [] for k in [*fns, *gemms, "flops"]}
+    times["flops"] = [matmul_flops(ours, res)]
     with torch.inference_mode():
         # HF interpolates non-register position embeddings without the official 0.1 offset (its
         # PR #33226), so it differs slightly from the official numerics at 224; ours-fast must not.
@@ -85,6 +112,9 @@ def run(size: str, dtype_name: str, batch: int, iters: int, res: int) -> dict[st
             random.Random(i).shuffle(order)
             for k in order:
                 times[k].append(timed(fns[k], x))
+            for k, f in gemms.items():
+                f(None)
+                times[k].append(timed(f, None))
     return times
 
 
@@ -114,17 +144,19 @@ def main() -> None:
           f"{args.iters} rounds, {'freed memory kept' if args.keep_freed_memory else 'default allocator'}; "
           f"images/s (median)")
     print(f"{'model':<10}{'dtype':<6}{'hf-eager':>10}{'hf-sdpa':>10}{'ours':>10}{'ours-fast':>11}{'fast-all':>10}"
-          f"{'fast/best-hf':>22}{'all/best-hf':>22}")
+          f"{'fast/best-hf':>22}{'all/best-hf':>22}{'gemm-ceiling':>22}{'all GF/s':>10}")
     for size in args.models:
         for dt in args.dtypes:
             cmd = [sys.executable, __file__, "--times-json", "--models", size, "--dtypes", dt, "--batch", str(args.batch),
                    "--iters", str(args.iters), "--res", str(args.res)] + ["--keep-freed-memory"] * args.keep_freed_memory
             t = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            flops = t.pop("flops")[0]
             r = {k: args.batch / statistics.median(v) for k, v in t.items()}
             best = max(("hf-eager", "hf-sdpa"), key=r.get)
             print(f"ViT-{size.upper()}/14   {dt:<6}{r['hf-eager']:>10.1f}{r['hf-sdpa']:>10.1f}{r['ours']:>10.1f}"
                   f"{r['ours-fast']:>11.1f}{r['fast-all']:>10.1f}{ratio(t, 'ours-fast', best):>22}"
-                  f"{ratio(t, 'fast-all', best):>22}", flush=True)
+                  f"{ratio(t, 'fast-all', best):>22}{ratio(t, 'gemm-ours', 'gemm-hf'):>22}"
+                  f"{r['fast-all'] * flops / 1e9:>10.0f}", flush=True)
 
 
 if __name__ == "__main__":
