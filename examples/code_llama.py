@@ -4,7 +4,7 @@ streaming, log-probabilities, the chat prompt, and the Hugging Face export check
     python examples/code_llama.py [--model CodeLlama-7b/]
 
 ``--model`` takes an official folder (params.json + consolidated.*.pth), a Hugging Face folder or one of ours.
-The default model is 10.5M parameters trained for about 2 hours on a CPU: expect plausible Python, not
+The default model has 10.5M parameters, trained for 2.4 hours on a CPU: expect plausible Python, not
 correct programs.
 """
 

@@ -1,5 +1,5 @@
 """Report of a code-model run: held-out perplexity (trained, untrained, unigram) and infilling
-exact match on held-out single lines; optionally writes held-out snippets for the demo.
+exact match and edit similarity on held-out single lines; optionally writes held-out snippets for the demo.
 
     python scripts/code_model_report.py RUN_DIR CORPUS_DIR [--lines 200] [--snippets OUT.json]
 """
@@ -15,7 +15,7 @@ import torch
 
 from dinollama.codellama import Transformer, load
 from dinollama.codellama.train.report import (
-    heldout_lines, infilling_exact_match, model_perplexity, unigram_perplexity,
+    heldout_lines, infilled_lines, infilling_scores, model_perplexity, unigram_perplexity,
 )
 
 
@@ -43,8 +43,10 @@ def main() -> None:
     texts = [(args.corpus / f).read_text() for f in stats["heldout_files"]]
     tasks = heldout_lines(texts, args.lines, seed=0, context_chars=350)
     report["infill_lines"] = len(tasks)
-    report["infill_exact_match"] = infilling_exact_match(model, tok, tasks)
-    report["infill_exact_match_untrained"] = infilling_exact_match(untrained, tok, tasks[:50])
+    for key, scores in (("", infilling_scores(infilled_lines(model, tok, tasks), tasks)),
+                        ("_untrained", infilling_scores(infilled_lines(untrained, tok, tasks[:50]), tasks[:50]))):
+        report[f"infill_exact_match{key}"] = scores["exact_match"]
+        report[f"infill_edit_similarity{key}"] = scores["edit_similarity"]
     print(json.dumps(report, indent=2))
     (args.run / "report.json").write_text(json.dumps(report, indent=2))
     if args.snippets:

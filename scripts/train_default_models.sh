@@ -39,6 +39,11 @@ mkdir -p runs/code-ft2/data && cp runs/code-ft/data/* runs/code-ft2/data/
 $BIN/dinollama train code --init runs/code-ft/model --data "$CORPUS" --output runs/code-ft2 --seq-len 512 \
     --max-doc-chars 1200 --set max_iters=650 --set batch_size=16 --set lr=5e-4 --set warmup_iters=20 \
     --set eval_every=325 --set save_every=50 --set log_every=10 --set seed=2
-$BIN/python scripts/code_model_report.py runs/code-ft2 "$CORPUS" \
+# Then 1,800 more (warm-up + cosine at lr 5e-4, another shuffle) on the same prepared data.
+mkdir -p runs/code-ft3/data && cp runs/code-ft2/data/* runs/code-ft3/data/
+$BIN/dinollama train code --init runs/code-ft2/model --data "$CORPUS" --output runs/code-ft3 --seq-len 512 \
+    --max-doc-chars 1200 --set max_iters=1800 --set batch_size=16 --set lr=5e-4 --set warmup_iters=20 \
+    --set eval_every=600 --set save_every=50 --set log_every=10 --set seed=3
+$BIN/python scripts/code_model_report.py runs/code-ft3 "$CORPUS" \
     --snippets src/dinollama/codellama/weights/default/heldout_snippets.json
-$BIN/python scripts/export_code_model.py runs/code-ft2/model src/dinollama/codellama/weights/default
+$BIN/python scripts/export_code_model.py runs/code-ft3/model src/dinollama/codellama/weights/default

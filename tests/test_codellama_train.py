@@ -151,7 +151,7 @@ def test_train_tokenizer(corpus, tmp_path):
 
 def test_report_numbers(corpus):
     from dinollama.codellama.train.report import (
-        heldout_lines, infilling_exact_match, model_perplexity, unigram_perplexity,
+        LineTask, heldout_lines, infilled_lines, infilling_scores, model_perplexity, unigram_perplexity,
     )
 
     train = np.array([[0, 1, 1, 2]])
@@ -168,8 +168,13 @@ def test_report_numbers(corpus):
     text = (STDLIB / "bisect.py").read_text()
     tasks = heldout_lines([text], 5, context_chars=300)
     assert len(tasks) == 5 and all(t.prefix + t.middle + t.suffix in text for t in tasks)
-    short = heldout_lines([text], 2, context_chars=100)
-    assert 0.0 <= infilling_exact_match(model, Tokenizer(TOKENIZER), short, max_new_tokens=4) <= 1.0
+    short = heldout_lines([text], 3, context_chars=100)
+    lines = infilled_lines(model, Tokenizer(TOKENIZER), short, batch_size=2, max_new_tokens=4)
+    assert len(lines) == 3 and not any("\n" in line for line in lines)
+    gold = [LineTask("", "    return lo\n", ""), LineTask("", "x = 1\n", ""), LineTask("", "abcd\n", "")]
+    scores = infilling_scores(["  return lo ", "y = 2", "wxyz"], gold)
+    assert scores["exact_match"] == pytest.approx(1 / 3)  # whitespace around the line does not count
+    assert scores["edit_similarity"] == pytest.approx((1.0 + 2 * 3 / 10 + 0.0) / 3)  # "y = 2" vs "x = 1": " = " matches
 
 
 @pytest.mark.slow
