@@ -78,9 +78,9 @@ def infilled_lines(model: Transformer, tok: Tokenizer, tasks: list[LineTask], ba
 
 
 def infilling_scores(predicted: list[str], tasks: list[LineTask]) -> dict[str, float]:
-    """Exact match and mean edit similarity (difflib's ratio, as CodeXGLUE's line-completion "Edit Sim")
-    of predicted lines against the held-out ones, both compared without surrounding whitespace: exact
-    match is 0 for nearly every line of a small model, edit similarity still shows progress."""
+    """Exact match and mean edit similarity (difflib's ratio in [0, 1], like CodeXGLUE's line-completion
+    "Edit Sim") of predicted lines against the held-out ones, without surrounding whitespace: exact
+    match is 0 for nearly every line of a small model, edit similarity still tells models apart."""
     pairs = [(p.strip(), t.middle.strip()) for p, t in zip(predicted, tasks, strict=True)]
     n = max(1, len(pairs))
     return {"exact_match": sum(p == m for p, m in pairs) / n,
