@@ -79,8 +79,9 @@ def bmm_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Non-causal softmax attention as two batched matmuls: ``(B, H, T, hd)`` in, ``(B, T, H, hd)`` out.
 
     Without autograd it goes one batch element at a time: that element's score matrices stay in
-    cache from the first matmul through the softmax to the second, its heads are read as strided
-    views of the fused qkv projection (no copies), and the result lands in token-major order.
+    cache from the first matmul through the softmax to the second, its heads are taken as strided
+    views of the fused qkv projection (the matmuls copy one element's views at a time, in cache,
+    never the whole q/k/v), and the result lands in token-major order.
     """
     b, h, t, d = q.shape
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
