@@ -43,7 +43,8 @@ def run(args):
 
 def test_embed_matches_direct_forward_all_formats(images, weights, tmp_path, capsys):
     path, model = weights
-    base = ["embed", images, "--model", path, "--weights", path, "--image-size", "56", "--workers", "0", "--quiet"]
+    base = ["embed", images, "--model", path, "--image-size", "56", "--workers", "0", "--quiet",
+            "--dtype", "fp32"]
     assert run(base + ["-o", tmp_path / "f.safetensors", "--patch-tokens"]) == 0
     assert "broken.jpg" in capsys.readouterr().err
     feats = read_features(tmp_path / "f.safetensors")
@@ -69,7 +70,7 @@ def test_embed_matches_direct_forward_all_formats(images, weights, tmp_path, cap
 
 def test_embed_resumes_after_interruption(images, weights, tmp_path):
     path, _ = weights
-    base = ["embed", images, "--model", path, "--weights", path, "--image-size", "56", "--workers", "0",
+    base = ["embed", images, "--model", path, "--image-size", "56", "--workers", "0",
             "--quiet", "--chunk-size", "4"]
     out = tmp_path / "r.safetensors"
     assert run(base + ["-o", out]) == 0
@@ -104,7 +105,7 @@ def test_pca_picture(images, weights, tmp_path):
     path, _ = weights
     out = tmp_path / "pca.png"
     files = sorted(images.rglob("*.png"))[:3]
-    assert run(["pca", *files, "-o", out, "--model", path, "--weights", path, "--size", "112"]) == 0
+    assert run(["pca", *files, "-o", out, "--model", path, "--size", "112"]) == 0
     pic = Image.open(out)
     assert pic.size == (3 * 224, 2 * 224)
     bottom = np.asarray(pic)[224:]
@@ -142,7 +143,7 @@ def test_torch_hub_local_entry_points(tmp_path, monkeypatch):
 def test_embed_under_torchrun_shards_inputs(images, weights, tmp_path):
     """Two gloo processes split the inputs; the merged file equals a single-process run."""
     path, _ = weights
-    args = [str(images), "--model", str(path), "--weights", str(path), "--image-size", "56", "--workers", "0", "--quiet"]
+    args = [str(images), "--model", str(path), "--image-size", "56", "--workers", "0", "--quiet"]
     assert run(["embed", *args, "-o", tmp_path / "one.safetensors"]) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            "-m", "dinollama.cli.main", "embed", *args, "-o", str(tmp_path / "two.safetensors")]
@@ -166,7 +167,7 @@ def test_eval_knn_and_logreg_end_to_end_on_real_images(tmp_path, capsys):
     _write_folder(xte[:60], yte[:60], tmp_path / "test")
     model = small("dinov2_vits14", depth=1)
     weights = save(model, tmp_path / "m.safetensors")
-    common = ["--model", weights, "--weights", weights, "--image-size", "28", "--workers", "0"]
+    common = ["--model", weights, "--image-size", "28", "--workers", "0"]
     for split in ("train", "test"):
         assert run(["embed", tmp_path / split, "-o", tmp_path / f"{split}.safetensors", *common, "--quiet"]) == 0
     report = tmp_path / "knn.json"

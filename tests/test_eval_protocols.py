@@ -239,7 +239,7 @@ def test_eval_retrieval_cli_duplicates_rank_first(tmp_path):
     gnd = {"qimlist": ["d0", "d3", "d7"], "imlist": [f"d{i}" for i in range(12)],
            "gnd": [{"easy": [q], "hard": [], "junk": []} for q in (0, 3, 7)]}
     (tmp_path / "g.json").write_text(json.dumps(gnd))
-    common = ["--model", "default", "--weights", "default", "--workers", "0", "--quiet"]
+    common = ["--model", "default", "--workers", "0", "--quiet"]
     assert run(["eval", "retrieval", "--gnd", tmp_path / "g.json", "--queries", tmp_path, "--database", tmp_path,
                 "--report", tmp_path / "r.json", *common]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
@@ -314,7 +314,7 @@ def test_dense_probes_end_to_end_on_real_images(tmp_path):
     xte, yte = load_fashion_mnist("test", "mini")
     _dense_folders(tmp_path, "train", xtr[:64], ytr[:64])
     _dense_folders(tmp_path, "test", xte[:16], yte[:16])
-    common = ["--model", "default", "--weights", "default", "--workers", "0", "--quiet", "--size", "56",
+    common = ["--model", "default", "--workers", "0", "--quiet", "--size", "56",
               "--batch-size", "8"]
     assert run(["eval", "seg", "--train-images", tmp_path / "train/img", "--train-targets", tmp_path / "train/seg",
                 "--test-images", tmp_path / "test/img", "--test-targets", tmp_path / "test/seg", "--iters", "300",
@@ -342,7 +342,7 @@ def test_eval_linear_and_knn_on_fashion_mnist_spec_with_cache(tmp_path):
     """The IDX dataset spec straight into the protocols; the second protocol reads the feature cache."""
     model = small("dinov2_vits14", depth=4)
     w = save(model, tmp_path / "m.safetensors")
-    common = ["--model", w, "--weights", w, "--image-size", "28", "--workers", "0", "--quiet",
+    common = ["--model", w, "--image-size", "28", "--workers", "0", "--quiet",
               "--cache", tmp_path / "cache"]
     assert run(["eval", "linear", "--train", "fashion-mnist:mini", "--test", "fashion-mnist:mini", "--epochs", "2",
                 "--save-head", tmp_path / "head.safetensors", "--report", tmp_path / "lin.json", *common]) == 0
@@ -362,7 +362,7 @@ def test_eval_under_torchrun_equals_one_process(tmp_path):
     model = small("dinov2_vits14", depth=1)
     w = save(model, tmp_path / "m.safetensors")
     args = ["eval", "knn", "--train", "fashion-mnist:mini", "--test", "fashion-mnist:mini", "--ks", "10", "20",
-            "--model", w, "--weights", w, "--image-size", "28", "--workers", "0", "--quiet"]
+            "--model", w, "--image-size", "28", "--workers", "0", "--quiet"]
     assert run([*args, "--report", tmp_path / "one.json"]) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
            "-m", "dinollama.cli.main", *map(str, args), "--report", str(tmp_path / "two.json")]

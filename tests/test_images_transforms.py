@@ -25,7 +25,7 @@ def test_modes_become_rgb(tmp_path):
     assert load_image(tmp_path / "gray.png").getpixel((0, 0)) == (128, 128, 128)
     assert load_image(tmp_path / "alpha.png").getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
     assert load_image(tmp_path / "pal.png").getpixel((0, 0)) == (10, 20, 30)
-    assert load_image(tmp_path / "deep.png").getpixel((0, 0)) == (255, 255, 255)
+    assert load_image(tmp_path / "deep.png").getpixel((0, 0)) == (16, 16, 16)  # 4000 / 65535 of white
 
 
 def test_exif_orientation_is_applied(tmp_path):

@@ -1,4 +1,4 @@
-"""``dinollama complete|infill|chat``: the Code Llama commands."""
+"""``dinollama complete|infill``: the Code Llama commands (``chat`` is in :mod:`.chat`)."""
 
 from __future__ import annotations
 
@@ -6,121 +6,126 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from .vision import DTYPES
+from .options import (
+    add_device_arg,
+    add_dtype_arg,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    resolve_dtype,
+)
 
 FILL_MARKER = "<FILL_ME>"
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="model folder: official (params.json + consolidated.*.pth), "
-                   "Hugging Face (config.json + safetensors) or ours; default: the small model shipped with dinollama")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--max-gen-len", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+                   "Hugging Face (config.json + safetensors) or ours; 'default': the small model shipped with dinollama")
+    add_dtype_arg(p)
+    add_device_arg(p)
+    p.add_argument("--max-gen-len", type=positive_int, default=256, help="new tokens at most")
+    p.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=positive_float, default=0.95, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--top-k", type=nonneg_int, default=0, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--seed", type=nonneg_int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-def _generator(args):
-    from ..codellama import Generator, SamplingParams, load, optimize_for_inference
+def sampling_params(args):
+    """The ``SamplingParams`` of the options: they check the values (one place for CLI, API, server)."""
+    from ..codellama import SamplingParams
 
-    model, tokenizer = load(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    optimize_for_inference(model)
+    return SamplingParams(max_gen_len=args.max_gen_len, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed, stop_strings=tuple(args.stop))
+
+
+def load_generator(args):
+    """Model + tokenizer of ``--model`` at ``--dtype``, packed for the CPU when the CPU allows."""
+    from ..codellama import Generator, load, optimize_for_inference
+
+    model, tokenizer = load(args.model, dtype=resolve_dtype(args.dtype, args.device), device=args.device)
     if tokenizer is None:
         raise FileNotFoundError(f"{args.model}/tokenizer.model: the model folder needs its tokenizer")
-    params = SamplingParams(max_gen_len=args.max_gen_len, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, stop_strings=tuple(args.stop))
-    return Generator(model, tokenizer), params
+    optimize_for_inference(model)
+    return Generator(model, tokenizer)
 
 
-def _read(arg: str) -> str:
-    return sys.stdin.read() if arg == "-" else Path(arg).read_text() if Path(arg).is_file() else arg
+def _read(arg: str, flag: str) -> str:
+    if arg == "-":
+        return sys.stdin.read()
+    path = Path(arg)
+    try:
+        return path.read_text() if path.is_file() else arg
+    except UnicodeDecodeError:
+        raise ValueError(f"{flag} {arg}: not a UTF-8 text file") from None
 
 
 def cmd_complete(args) -> int:
-    gen, params = _generator(args)
-    prompt = _read(args.prompt)
+    params = sampling_params(args)
+    prompt = _read(args.prompt, "PROMPT")
+    gen = load_generator(args)
+    tokens = gen.tokenizer.encode(prompt, bos=True, eos=False)
+    gen.check_length([tokens], params.max_gen_len)  # before anything is printed
     sys.stdout.write(prompt)
-    for piece in gen.stream(gen.tokenizer.encode(prompt, bos=True, eos=False), params):
+    for piece in gen.stream(tokens, params):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
 
 
-def cmd_infill(args) -> int:
-    from ..codellama import infilling_prompt_tokens
-
+def _infill_parts(args) -> tuple[str, str]:
     if args.file:
-        text = Path(args.file).read_text()
+        if args.prefix is not None or args.suffix is not None:
+            raise ValueError(f"give either FILE ({args.file}, with its {FILL_MARKER} marker) or --prefix/--suffix, not both")
+        path = Path(args.file)
+        if not path.is_file():
+            raise FileNotFoundError(f"{args.file}: no such file")
+        text = _read(args.file, "FILE")
         if text.count(FILL_MARKER) != 1:
             raise ValueError(f"{args.file}: needs exactly one {FILL_MARKER} marker, found {text.count(FILL_MARKER)}")
         prefix, suffix = text.split(FILL_MARKER)
-    elif args.prefix is not None and args.suffix is not None:
-        prefix, suffix = _read(args.prefix), _read(args.suffix)
-    else:
+        return prefix, suffix
+    if args.prefix is None or args.suffix is None:
         raise ValueError("give a FILE with a <FILL_ME> marker, or both --prefix and --suffix")
-    gen, params = _generator(args)
+    return _read(args.prefix, "--prefix"), _read(args.suffix, "--suffix")
+
+
+def cmd_infill(args) -> int:
+    from ..codellama import infilling_prompt_tokens
+
+    params = sampling_params(args)
+    prefix, suffix = _infill_parts(args)
+    gen = load_generator(args)
     tokens = infilling_prompt_tokens(gen.tokenizer, prefix, suffix, suffix_first=args.suffix_first)
+    gen.check_length([tokens], params.max_gen_len)
     middle = "".join(gen.stream(tokens, params, stop_token=gen.tokenizer.eot_id, infilling=True))
     sys.stdout.write(prefix + middle + suffix if args.whole else middle)
     sys.stdout.write("" if (args.whole or middle.endswith("\n")) else "\n")
     return 0
 
 
-def cmd_chat(args) -> int:
-    from ..codellama import chat_prompt_tokens
-
-    gen, params = _generator(args)
-    tok = gen.tokenizer
-    stop = tok.step_id if tok.step_id is not None else tok.eos_id
-    dialog = [{"role": "system", "content": args.system}] if args.system else []
-    print("Chat with the model; an empty line or Ctrl-D ends.", file=sys.stderr)
-    while True:
-        try:
-            user = input("you> ")
-        except EOFError:
-            break
-        if not user.strip():
-            break
-        dialog.append({"role": "user", "content": user})
-        try:
-            prompt = chat_prompt_tokens(tok, dialog)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            dialog.pop()
-            continue
-        print("assistant> ", end="", flush=True)
-        reply = ""
-        for piece in gen.stream(prompt, params, stop_token=stop):
-            reply += piece
-            print(piece, end="", flush=True)
-        print()
-        dialog.append({"role": "assistant", "content": reply.strip()})
-    return 0
-
-
 def register(sub) -> None:
+    from .chat import cmd_chat
+
     p = sub.add_parser("complete", help="continue code or text (streamed)")
     p.add_argument("prompt", help="prompt text, a file, or - for stdin")
-    _add_common(p)
+    add_common(p)
     p.set_defaults(func=cmd_complete)
 
     p = sub.add_parser("infill", help="fill in the middle between a prefix and a suffix")
     p.add_argument("file", nargs="?", help=f"a source file with one {FILL_MARKER} marker")
-    p.add_argument("--prefix", help="prefix text or file")
-    p.add_argument("--suffix", help="suffix text or file")
+    p.add_argument("--prefix", help="prefix text or file (instead of FILE)")
+    p.add_argument("--suffix", help="suffix text or file (instead of FILE)")
     p.add_argument("--suffix-first", action="store_true", help="SPM layout instead of PSM")
     p.add_argument("--whole", action="store_true", help="print prefix + middle + suffix")
-    _add_common(p)
+    add_common(p)
     p.set_defaults(func=cmd_infill)
 
-    p = sub.add_parser("chat", help="interactive instruct chat (streamed)")
+    p = sub.add_parser("chat", help="interactive instruct chat (streamed)",
+                       description="Chat with an Instruct model. Commands: /reset, /system TEXT, /exit (or Ctrl-D); "
+                                   "Ctrl-C stops the current reply. With stdin not a terminal: one answer per line.")
     p.add_argument("--system", default="", help="system prompt")
-    _add_common(p)
+    add_common(p)
     p.set_defaults(func=cmd_chat)

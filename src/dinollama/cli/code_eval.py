@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import torch
-
-from .vision import DTYPES
+from .options import (
+    add_device_arg,
+    add_dtype_arg,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    writable_file,
+)
 
 
 def _tasks(args) -> list:
@@ -34,24 +39,22 @@ def _table(summary: dict) -> str:
 
 
 def cmd_code_eval(args) -> int:
-    from ..codellama import Generator, load, optimize_for_inference
     from ..codellama.eval import EvalSettings, run_benchmark
+    from .code import load_generator
 
     tasks = _tasks(args)
-    model, tokenizer = load(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    if tokenizer is None:
-        raise FileNotFoundError(f"{args.model}/tokenizer.model: the model folder needs its tokenizer")
-    optimize_for_inference(model)
     settings = EvalSettings(n_samples=args.n_samples, temperature=args.temperature, top_p=args.top_p,
                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, timeout=args.timeout,
                             workers=args.workers, seed=args.seed, suffix_first=args.suffix_first)
-    out = Path(args.output or f"{args.protocol}_results.jsonl")
-    summary = run_benchmark(Generator(model, tokenizer), tasks, out, settings, progress=not args.quiet)
+    out = writable_file(args.output or f"{args.protocol}_results.jsonl", "--output", parents=True)
+    report = writable_file(args.report if args.report else out.with_suffix(".summary.json"), "--report", parents=True)
+    for path in (out, report):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    summary = run_benchmark(load_generator(args), tasks, out, settings, progress=not args.quiet)
     summary = {"benchmark": args.protocol, "model": str(args.model), "results": str(out),
                **({"mode": args.mode, "layout": "SPM" if args.suffix_first else "PSM"} if args.protocol == "infilling" else {}),
                **summary}
     print(_table(summary))
-    report = Path(args.report) if args.report else out.with_suffix(".summary.json")
     report.write_text(json.dumps(summary, indent=2))
     print(f"report: {report}")
     return 0
@@ -68,17 +71,17 @@ def register(protocols) -> None:
         q.add_argument("--data", help="benchmark file (HumanEval.jsonl[.gz] / mbpp.jsonl); HumanEval defaults to the package's")
         q.add_argument("--output", help="results JSONL, resumed if it exists (default NAME_results.jsonl)")
         q.add_argument("--report", help="summary JSON (default: next to the results)")
-        q.add_argument("--n-samples", type=int, default=1, help="samples per task (pass@k needs n >= k)")
-        q.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (pass@1); the paper uses 0.8 for pass@10/100")
-        q.add_argument("--top-p", type=float, default=0.95)
-        q.add_argument("--max-new-tokens", type=int, default=512)
-        q.add_argument("--batch-size", type=int, default=8)
-        q.add_argument("--timeout", type=float, default=3.0, help="seconds per program")
-        q.add_argument("--workers", type=int, default=None, help="programs run at once (default: CPU count)")
-        q.add_argument("--seed", type=int, default=0)
-        q.add_argument("--limit", type=int, default=0, help="only the first N tasks (0 = all)")
-        q.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-        q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        q.add_argument("--n-samples", type=positive_int, default=1, help="samples per task (pass@k needs n >= k)")
+        q.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy (pass@1); the paper uses 0.8 for pass@10/100")
+        q.add_argument("--top-p", type=positive_float, default=0.95)
+        q.add_argument("--max-new-tokens", type=positive_int, default=512)
+        q.add_argument("--batch-size", type=positive_int, default=8)
+        q.add_argument("--timeout", type=positive_float, default=3.0, help="seconds per program")
+        q.add_argument("--workers", type=positive_int, default=None, help="programs run at once (default: CPU count)")
+        q.add_argument("--seed", type=nonneg_int, default=0)
+        q.add_argument("--limit", type=nonneg_int, default=0, help="only the first N tasks (0 = all)")
+        add_dtype_arg(q)
+        add_device_arg(q)
         q.add_argument("--quiet", action="store_true")
         if name == "infilling":
             q.add_argument("--mode", choices=["single-line", "multi-line", "random-span"], default="single-line")

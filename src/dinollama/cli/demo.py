@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .options import add_dtype_arg, image_size, output_folder, positive_int
+
 
 def _write_folder(images: np.ndarray, labels: np.ndarray, root: Path) -> None:
     from ..data.mnist import FASHION_CLASSES
@@ -83,12 +85,12 @@ def code_demo(model_path: str) -> int:
 def register(sub) -> None:
     p = sub.add_parser("demo", help="run the main jobs end to end on committed real data",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="demo_out", help="folder for the images, features and pictures")
-    p.add_argument("--n-train", type=int, default=2000)
-    p.add_argument("--n-test", type=int, default=1000)
+    p.add_argument("--out", default="demo_out", type=output_folder, help="folder for the images, features and pictures")
+    p.add_argument("--n-train", type=positive_int, default=2000)
+    p.add_argument("--n-test", type=positive_int, default=1000)
     p.add_argument("--model", default="default", help="backbone: the shipped default, a hub name (official weights) or a path")
-    p.add_argument("--pca-size", type=int, default=112, help="input side of the PCA picture")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--pca-size", type=image_size, default=112, help="input side of the PCA picture")
+    add_dtype_arg(p)
     p.add_argument("--code-model", default="default", help="code model folder for the completion/infilling job")
     p.add_argument("--skip-code", action="store_true", help="run only the vision job")
     p.set_defaults(func=cmd_demo)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .options import add_dtype_arg, image_size, new_file, nonneg_int, output_file, positive_float, positive_int
 from .vision import add_model_args
 
 
@@ -20,10 +21,10 @@ class _Backbone:
     def get(self):
         if self.model is None:
             from ..dinov2 import default_transform, optimize_for_inference
-            from .vision import DTYPES, _transform, load_model
+            from .vision import _transform, dtype_of, load_model
 
             model = load_model(self.args)
-            self.model = optimize_for_inference(model, dtype=DTYPES[self.args.dtype])
+            self.model = optimize_for_inference(model, dtype=dtype_of(self.args))
             self.transform = default_transform(model) if self.args.image_size is None else _transform(self.args.image_size)
         return self.model, self.transform
 
@@ -59,7 +60,7 @@ def labelled_features(source: str, args, split: str, classes: list[str] | None =
     from ..data.datasets import open_source
     from ..dinov2.embed import FORMATS
     from ..dinov2.eval.features import cache_key, cached_features, extract_features
-    from .vision import DTYPES
+    from .vision import dtype_of
 
     path = Path(source)
     if path.suffix in FORMATS and path.is_file():
@@ -71,11 +72,11 @@ def labelled_features(source: str, args, split: str, classes: list[str] | None =
     def compute():
         model, transform = args.backbone.get()
         return extract_features(model, data, transform, n_blocks=n_blocks, batch_size=args.batch_size,
-                                workers=args.workers, dtype=DTYPES[args.dtype], progress=not args.quiet,
+                                workers=args.workers, dtype=dtype_of(args), progress=not args.quiet,
                                 desc=f"features ({split})")
 
     key = cache_key(args.model, args.weights, Path(source).resolve() if path.exists() else source, split,
-                    args.image_size, args.dtype, len(data))
+                    args.image_size, str(dtype_of(args)), len(data))
     feats = cached_features(args.cache, key, compute)
     for name, msg in (feats.failed or {}).items():
         print(f"  skipped {name}: {msg}", file=sys.stderr)
@@ -138,9 +139,13 @@ def cmd_knn(args) -> int:
     tries = [None] if args.n_per_class is None else [few_shot_indices(ytr, args.n_per_class, s) for s in range(args.n_tries)]
     top1: dict[str, list[float]] = {}
     top5: dict[str, list[float]] = {}
+    n_index = len(xtr) if tries[0] is None else len(tries[0])
+    ks = sorted({min(k, n_index) for k in args.ks})
+    if max(args.ks) > n_index:
+        print(f"note: k above the {n_index} training images is capped: reported as {n_index}-NN", file=sys.stderr)
     for subset in tries:
         xs, ys = (xtr, ytr) if subset is None else (xtr[subset], ytr[subset])
-        votes = knn_votes(xs, ys, xte, ks=tuple(args.ks), temperature=args.temperature, num_classes=len(train.classes))
+        votes = knn_votes(xs, ys, xte, ks=tuple(ks), temperature=args.temperature, num_classes=len(train.classes))
         for k, v in votes.items():
             top1.setdefault(f"{k}-NN", []).append(topk_accuracy(v, yte, 1))
             top5.setdefault(f"{k}-NN", []).append(topk_accuracy(v, yte, 5))
@@ -204,7 +209,7 @@ def cmd_retrieval(args) -> int:
     from ..dinov2.eval.features import extract_features
     from ..dinov2.eval.retrieval import load_ground_truth, rank_database
     from ..distributed import setup
-    from .vision import DTYPES
+    from .vision import dtype_of
 
     setup()
     gnd = load_ground_truth(args.gnd, args.queries, args.database)
@@ -216,7 +221,7 @@ def cmd_retrieval(args) -> int:
         if name == "queries" and gnd.boxes is not None:
             src = _Cropped(src, gnd.boxes)
         fs = extract_features(model, src, transform, n_blocks=1, patch_mean=False, batch_size=args.batch_size,
-                              workers=args.workers, dtype=DTYPES[args.dtype], progress=not args.quiet, desc=name)
+                              workers=args.workers, dtype=dtype_of(args), progress=not args.quiet, desc=name)
         if fs.failed:
             raise ValueError(f"unreadable images: {list(fs.failed)[:3]}")
         feats[name] = torch.nn.functional.normalize(fs.cls, dim=1)
@@ -271,11 +276,11 @@ def cmd_dense(args) -> int:
 
 def _common(q, batch_size: int = 64) -> None:
     add_model_args(q)
-    q.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    q.add_argument("--workers", type=int, default=2, help="image decoding processes")
-    q.add_argument("--image-size", type=int, default=None, help="input size (default: the model's own)")
-    q.add_argument("--batch-size", type=int, default=batch_size, help="images per forward pass")
-    q.add_argument("--report", help="write the JSON report here")
+    add_dtype_arg(q)
+    q.add_argument("--workers", type=nonneg_int, default=2, help="image decoding processes")
+    q.add_argument("--image-size", type=image_size, default=None, help="input size (default: the model's own)")
+    q.add_argument("--batch-size", type=positive_int, default=batch_size, help="images per forward pass")
+    q.add_argument("--report", type=output_file, help="write the JSON report here")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -300,29 +305,29 @@ def register(sub) -> None:
     protocols = p.add_subparsers(dest="protocol", metavar="PROTOCOL", required=True)
     code_eval.register(protocols)
     q = _classification(protocols, "knn", cmd_knn, "weighted k-NN on L2-normalised class tokens")
-    q.add_argument("--ks", type=int, nargs="+", default=[10, 20, 100, 200])
-    q.add_argument("--temperature", type=float, default=0.07)
-    q.add_argument("--n-per-class", type=int, default=None, help="few-shot: training images per class")
-    q.add_argument("--n-tries", type=int, default=1, help="few-shot: random draws averaged (seeds 0..n-1)")
+    q.add_argument("--ks", type=positive_int, nargs="+", default=[10, 20, 100, 200])
+    q.add_argument("--temperature", type=positive_float, default=0.07)
+    q.add_argument("--n-per-class", type=positive_int, default=None, help="few-shot: training images per class")
+    q.add_argument("--n-tries", type=positive_int, default=1, help="few-shot: random draws averaged (seeds 0..n-1)")
     q = _classification(protocols, "logreg", cmd_logreg, "L2 logistic regression with C chosen on a train holdout")
-    q.add_argument("--max-iter", type=int, default=1000)
+    q.add_argument("--max-iter", type=positive_int, default=1000)
     q.add_argument("--backend", choices=["auto", "sklearn", "torch"], default="auto",
                    help="L-BFGS solver: scikit-learn (CPU) or torch (auto: torch on a GPU)")
     q = _classification(protocols, "linear", cmd_linear,
                         "the 52-head linear probe grid on cached features (or one saved/official head with --head)")
-    q.add_argument("--epochs", type=float, default=10)
-    q.add_argument("--batch-size-heads", type=int, default=128, help="head training batch (lrs scale by batch/256)")
+    q.add_argument("--epochs", type=positive_float, default=10)
+    q.add_argument("--batch-size-heads", type=positive_int, default=128, help="head training batch (lrs scale by batch/256)")
     q.add_argument("--select-on", choices=["holdout", "test"], default="holdout",
                    help="holdout: choose on 10%% of train, then refit; test: as the official code (published numbers)")
-    q.add_argument("--save-head", help="write the chosen head (safetensors)")
+    q.add_argument("--save-head", type=new_file, help="write the chosen head (safetensors)")
     q.add_argument("--head", help="only evaluate this head: one saved by --save-head or an official *_linear[4]_head.pth")
 
     q = protocols.add_parser("retrieval", help="image retrieval, revisited Oxford/Paris mAP and mP@k")
     q.add_argument("--gnd", required=True, help="ground truth: revisited gnd_*.pkl, or JSON with qimlist/imlist/gnd")
     q.add_argument("--queries", required=True, help="folder of the query images (names from the gnd file)")
     q.add_argument("--database", required=True, help="folder of the database images")
-    q.add_argument("--kappas", type=int, nargs="+", default=[1, 5, 10])
-    q.add_argument("--topk", type=int, default=None, help="rank only the top k database images (default: all)")
+    q.add_argument("--kappas", type=positive_int, nargs="+", default=[1, 5, 10])
+    q.add_argument("--topk", type=positive_int, default=None, help="rank only the top k database images (default: all)")
     q.add_argument("--backend", choices=["auto", "torch", "faiss"], default="auto",
                    help="search: faiss (exact inner product) when installed and the database is >= 50k, else torch")
     _common(q)
@@ -335,15 +340,15 @@ def register(sub) -> None:
             q.add_argument(f"--{split}-images", required=True, help=f"{split} images folder")
             q.add_argument(f"--{split}-targets", required=True, help=f"{split} targets folder (same file stems)")
         q.add_argument("--layers", type=int, choices=[1, 4], default=1, help="1: last block; 4: four evenly spaced")
-        q.add_argument("--size", type=int, default=None, help="crop / short side (default 512 seg, 416 depth)")
-        q.add_argument("--iters", type=int, default=None, help="training iterations (official: 40000 seg, 38400 depth)")
-        q.add_argument("--lr", type=float, default=None, help="AdamW lr (default 1e-3 seg, 1e-4 depth)")
-        q.add_argument("--save-head", help="write the trained head (torch .pth, state_dict + config)")
+        q.add_argument("--size", type=image_size, default=None, help="crop / short side (default 512 seg, 416 depth)")
+        q.add_argument("--iters", type=positive_int, default=None, help="training iterations (official: 40000 seg, 38400 depth)")
+        q.add_argument("--lr", type=positive_float, default=None, help="AdamW lr (default 1e-3 seg, 1e-4 depth)")
+        q.add_argument("--save-head", type=new_file, help="write the trained head (torch .pth, state_dict + config)")
         if task == "depth":
-            q.add_argument("--max-depth", type=float, default=None, help="default: the largest training depth")
-            q.add_argument("--depth-scale", type=float, default=None, help="integer PNG units per metre (default 1000)")
+            q.add_argument("--max-depth", type=positive_float, default=None, help="default: the largest training depth")
+            q.add_argument("--depth-scale", type=positive_float, default=None, help="integer PNG units per metre (default 1000)")
         else:
-            q.add_argument("--num-classes", type=int, default=None, help="default: largest training label + 1")
+            q.add_argument("--num-classes", type=positive_int, default=None, help="default: largest training label + 1")
             q.add_argument("--reduce-zero-label", action="store_true", default=None, help="label 0 is ignored (ADE20k)")
         _common(q, batch_size=16)
         q.set_defaults(func=cmd_dense)

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from .options import image_size, nonneg_int, output_folder, positive_float, positive_int, unit_interval
+
 
 def _config(args):
     from ..dinov2.train import load_config
@@ -57,7 +59,7 @@ def cmd_finetune(args) -> int:
 def _common(q: argparse.ArgumentParser, config: bool = True) -> None:
     q.add_argument("--data", required=True,
                    help="image folder (root/<class>/img for labels), file list, 'fashion-mnist[:FOLDER]' or 'fashion-mnist:mini'")
-    q.add_argument("--output", required=True, help="run folder: checkpoint.pth (resumed if present), log.jsonl, backbone.safetensors")
+    q.add_argument("--output", required=True, type=output_folder, help="run folder: checkpoint.pth (resumed if present), log.jsonl, backbone.safetensors")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     if config:
         q.add_argument("config", nargs="?", help="YAML/JSON config (sections student, crops, dino, ibot, teacher, optim, train)")
@@ -82,12 +84,12 @@ def register(sub) -> None:
     q = kinds.add_parser("finetune", help="supervised classification fine-tune with layer-wise lr decay")
     q.add_argument("--model", default="default", help="backbone: 'default', a hub name or a checkpoint path")
     q.add_argument("--weights", default="official", help="for hub names: 'official', 'random' or a path")
-    q.add_argument("--epochs", type=int, default=10)
-    q.add_argument("--batch-size", type=int, default=64)
-    q.add_argument("--lr", type=float, default=1e-3)
-    q.add_argument("--layer-decay", type=float, default=0.75)
-    q.add_argument("--holdout", type=int, default=1000, help="labelled images held out for the reported accuracy")
-    q.add_argument("--image-size", type=int, default=None, help="default: the model's default_image_size")
+    q.add_argument("--epochs", type=positive_int, default=10)
+    q.add_argument("--batch-size", type=positive_int, default=64)
+    q.add_argument("--lr", type=positive_float, default=1e-3)
+    q.add_argument("--layer-decay", type=unit_interval, default=0.75)
+    q.add_argument("--holdout", type=nonneg_int, default=1000, help="labelled images held out for the reported accuracy")
+    q.add_argument("--image-size", type=image_size, default=None, help="default: the model's default_image_size")
     q.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
     _common(q, config=False)
     q.set_defaults(func=cmd_finetune)

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from .options import output_file, output_folder, positive_float, positive_int, unit_interval
+
 
 def _overrides(pairs: list[str]) -> dict:
     from ..training import overrides_to_dict
@@ -84,11 +86,11 @@ def register(kinds) -> None:
     for kind, text in helps.items():
         q = kinds.add_parser(kind, help=text, description=text)
         q.add_argument("--data", required=True, help="source folder, .jsonl or .parquet" if kind != "sft" else "dialogs .jsonl")
-        q.add_argument("--output", required=True, help="run folder: data/, checkpoint.pth (resumed), log.jsonl, model/")
+        q.add_argument("--output", required=True, type=output_folder, help="run folder: data/, checkpoint.pth (resumed), log.jsonl, model/")
         q.add_argument("--init", help="model folder to continue from (official, Hugging Face or ours)")
-        q.add_argument("--seq-len", type=int, default=16384 if kind == "lcft" else 512)
-        q.add_argument("--rope-theta", type=float, default=1e6 if kind == "lcft" else 1e4)
-        q.add_argument("--heldout", type=float, default=0.05, help="fraction of files (dialogs) held out")
+        q.add_argument("--seq-len", type=positive_int, default=16384 if kind == "lcft" else 512)
+        q.add_argument("--rope-theta", type=positive_float, default=1e6 if kind == "lcft" else 1e4)
+        q.add_argument("--heldout", type=unit_interval, default=0.05, help="fraction of files (dialogs) held out")
         q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="training options, e.g. --set lr=3e-4 --set max_iters=2000 --set lora_rank=16 "
                             "--set parallel=fsdp --set activation_checkpointing=true")
@@ -96,18 +98,18 @@ def register(kinds) -> None:
         q.add_argument("--quiet", action="store_true")
         if kind == "code":
             q.add_argument("--tokenizer", help="SentencePiece model for a new model")
-            q.add_argument("--dim", type=int, default=384)
-            q.add_argument("--layers", type=int, default=6)
-            q.add_argument("--heads", type=int, default=6)
-            q.add_argument("--kv-heads", type=int, default=None)
-            q.add_argument("--fim-rate", type=float, default=0.9)
+            q.add_argument("--dim", type=positive_int, default=384)
+            q.add_argument("--layers", type=positive_int, default=6)
+            q.add_argument("--heads", type=positive_int, default=6)
+            q.add_argument("--kv-heads", type=positive_int, default=None)
+            q.add_argument("--fim-rate", type=unit_interval, default=0.9)
         else:
             q.set_defaults(fim_rate=0.0, tokenizer=None)
-        q.add_argument("--max-doc-chars", type=int, default=None, help="cut long files at top-level boundaries")
-        q.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+        q.add_argument("--max-doc-chars", type=positive_int, default=None, help="cut long files at top-level boundaries")
+        q.add_argument("--workers", type=positive_int, default=1, help="tokenizer processes")
         q.set_defaults(func=cmd_train_code)
     q = kinds.add_parser("tokenizer", help="train a SentencePiece BPE tokenizer (Llama 2 settings + infilling pieces)")
     q.add_argument("--data", required=True, help="source folder, .jsonl or .parquet")
-    q.add_argument("--output", required=True, help="model prefix: writes PREFIX.model and PREFIX.vocab")
-    q.add_argument("--vocab-size", type=int, default=16000)
+    q.add_argument("--output", required=True, type=output_file, help="model prefix: writes PREFIX.model and PREFIX.vocab")
+    q.add_argument("--vocab-size", type=positive_int, default=16000)
     q.set_defaults(func=cmd_train_tokenizer)

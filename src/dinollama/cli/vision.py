@@ -11,21 +11,41 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .options import (add_device_arg, add_dtype_arg, finite_float, image_size, nonneg_int, positive_int, resolve_dtype,
+                      writable_file, writable_folder)
 
 
 def add_model_args(p: argparse.ArgumentParser, default: str = "default") -> None:
     p.add_argument("--model", default=default, help="'default' (the shipped small backbone trained on Fashion-MNIST), a hub "
                    f"name (dinov2_vit{{s,b,l,g}}14[_reg]) or a checkpoint path (default {default})")
     p.add_argument("--weights", default="official",
-                   help="'official' (download/cache), 'random' (seed 0), or a checkpoint path in any supported format")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                   help="'official' (download/cache; with --model default or a path: that model's own weights), "
+                        "'random' (seed 0), or a checkpoint path in any supported format for a hub name")
+    add_device_arg(p)
+
+
+def dtype_of(args) -> torch.dtype:
+    return resolve_dtype(args.dtype, args.device)
+
+
+def check_model_args(args) -> None:
+    """Refuse option combinations that would be silently ignored (before any work is done)."""
+    from ..dinov2.hub import BACKBONES, CLASSIFIERS
+
+    named = args.model in BACKBONES + CLASSIFIERS
+    if not named and args.weights not in ("official", "random"):
+        raise ValueError(f"--weights {args.weights} has no effect with --model {args.model}, which brings its own "
+                         f"weights: pass the checkpoint as --model {args.weights}, or a hub name as --model")
+    if not named and args.model != "default" and args.weights == "random":
+        raise ValueError(f"--weights random needs a hub name or 'default' as --model, not the file {args.model}")
 
 
 def load_model(args) -> torch.nn.Module:
     from ..dinov2 import load
 
+    check_model_args(args)
     weights = None if args.weights == "random" else args.weights
     if args.weights == "random":
         # Seeded, so that separate runs (e.g. train and test embeddings) share one random network.
@@ -43,6 +63,8 @@ def cmd_embed(args) -> int:
     out = Path(args.out)
     if out.suffix not in FORMATS:
         raise ValueError(f"--out {out}: use a name ending in {', '.join(FORMATS)}")
+    writable_file(out, "--out")
+    check_model_args(args)
     paths = []
     for src in args.inputs:
         paths += list_images(src)
@@ -52,7 +74,7 @@ def cmd_embed(args) -> int:
     if world > 1 and args.device == "cuda":
         args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     model = load_model(args)
-    fast = optimize_for_inference(model, dtype=DTYPES[args.dtype], rows_hint=args.batch_size * 257)
+    fast = optimize_for_inference(model, dtype=dtype_of(args), rows_hint=args.batch_size * 257)
     transform = default_transform(model) if args.image_size is None else _transform(args.image_size)
     parts = out.with_name(out.name + ".parts")
     manifest = {"inputs": hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest(), "model": args.model,
@@ -63,7 +85,7 @@ def cmd_embed(args) -> int:
     if world > 1:
         torch.distributed.barrier()
     embed_paths(fast, paths, transform, parts, batch_size=args.batch_size, workers=args.workers,
-                patch_tokens=args.patch_tokens, dtype=DTYPES[args.dtype], chunk_size=args.chunk_size,
+                patch_tokens=args.patch_tokens, dtype=dtype_of(args), chunk_size=args.chunk_size,
                 on_error=args.on_error, progress=not args.quiet)
     if world > 1:
         torch.distributed.barrier()
@@ -104,8 +126,11 @@ def cmd_pca(args) -> int:
     from ..data import load_image
     from ..dinov2.pca import patch_pca, pca_figure
 
-    model = load_model(args)
+    out = writable_file(args.output, "-o")
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"-o {out}: Pillow cannot write {out.suffix or 'files without an extension'}; use .png")
     images = [load_image(p) for p in args.images]
+    model = load_model(args)
     with torch.inference_mode():
         maps = patch_pca(model, images, size=args.size, threshold=args.threshold)
     pca_figure(images, maps).save(args.output)
@@ -116,20 +141,54 @@ def cmd_pca(args) -> int:
 def cmd_classify(args) -> int:
     from ..data import load_image
     from ..dinov2 import default_transform
+    from ..dinov2.hub import BACKBONES
 
-    args.model = args.model if args.model.endswith("_lc") else args.model + "_lc"
+    if args.model == "default":
+        return _classify_default(args)
+    core = args.model.removesuffix("_lc")
+    if core not in BACKBONES:
+        raise ValueError(f"--model {args.model}: classify needs a hub name with an official ImageNet head "
+                         f"({', '.join(BACKBONES)}) or 'default' (Fashion-MNIST classes by k-NN)")
+    images = [(path, load_image(path)) for path in args.images]
+    args.model = core + "_lc"
     model = load_model(args)
     tf = default_transform(model.backbone)
-    for path in args.images:
+    for path, img in images:
         with torch.inference_mode():
-            top = model.predict(tf(load_image(path))[None].to(args.device), topk=args.topk)[0]
+            top = model.predict(tf(img)[None].to(args.device), topk=args.topk)[0]
         print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
+    return 0
+
+
+def _classify_default(args, k: int = 20) -> int:
+    """The shipped backbone has no ImageNet head: its classes are Fashion-MNIST's, by the official
+    k-NN vote over the shipped 2,000 training images."""
+    from ..data import load_image
+    from ..data.datasets import open_source
+    from ..dinov2 import default_transform
+    from ..dinov2.eval import extract_features, knn_votes
+
+    images = [(path, load_image(path)) for path in args.images]
+    model = load_model(args)
+    tf = default_transform(model)
+    train = extract_features(model, open_source("fashion-mnist:mini", "train"), tf, n_blocks=1, patch_mean=False,
+                             progress=False)
+    with torch.inference_mode():
+        queries = model(torch.stack([tf(img) for _, img in images]).to(args.device)).float().cpu()
+    votes = knn_votes(train.cls, train.labels, queries, ks=(k,), num_classes=len(train.classes))[k]
+    for (path, _), v in zip(images, votes):
+        p, idx = v.topk(min(args.topk, len(train.classes)))
+        print(f"{path}: " + ", ".join(f"{train.classes[i]} {x:.3f}" for x, i in zip(p.tolist(), idx.tolist())))
     return 0
 
 
 def cmd_convert(args) -> int:
     from ..dinov2 import load, save
 
+    if args.format == "hf":
+        writable_folder(args.output, "OUTPUT")
+    else:
+        writable_file(args.output, "OUTPUT", parents=True)
     model = load(args.checkpoint)  # a path (architecture inferred) or a hub name with official weights
     out = save(model, args.output, format=args.format)
     print(f"wrote {out} ({args.format})")
@@ -155,11 +214,11 @@ def register(sub) -> None:
     p.add_argument("--out", "-o", required=True, help="output file: .safetensors, .npy or .parquet")
     add_model_args(p)
     p.add_argument("--patch-tokens", action="store_true", help="also store the patch tokens")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes")
-    p.add_argument("--image-size", type=int, default=None, help="center-crop size (default: the model's)")
-    p.add_argument("--chunk-size", type=int, default=1024, help="images per resumable chunk")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    add_dtype_arg(p)
+    p.add_argument("--workers", type=nonneg_int, default=2, help="image-decoding worker processes")
+    p.add_argument("--image-size", type=image_size, default=None, help="center-crop size (default: the model's)")
+    p.add_argument("--chunk-size", type=positive_int, default=1024, help="images per resumable chunk")
     p.add_argument("--on-error", choices=["skip", "fail"], default="skip", help="unreadable images: report and skip, or stop")
     p.add_argument("--overwrite", action="store_true", help="discard an interrupted run instead of resuming it")
     p.add_argument("--quiet", action="store_true")
@@ -169,14 +228,15 @@ def register(sub) -> None:
     p.add_argument("images", nargs="+")
     p.add_argument("-o", "--output", required=True, help="PNG file to write")
     add_model_args(p)
-    p.add_argument("--size", type=int, default=448, help="input side in pixels (rounded down to a patch multiple)")
-    p.add_argument("--threshold", type=float, default=0.0, help="foreground threshold on the first component")
+    p.add_argument("--size", type=image_size, default=448, help="input side in pixels (rounded down to a patch multiple)")
+    p.add_argument("--threshold", type=finite_float, default=0.0, help="foreground threshold on the first component")
     p.set_defaults(func=cmd_pca)
 
-    p = sub.add_parser("classify", help="ImageNet top-k with the official linear heads (*_lc)")
+    p = sub.add_parser("classify", help="ImageNet top-k with the official linear heads (*_lc); 'default': "
+                       "Fashion-MNIST classes by k-NN")
     p.add_argument("images", nargs="+")
     add_model_args(p, default="dinov2_vits14")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=positive_int, default=5)
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("convert", help="export a backbone checkpoint to safetensors, .pth or a Hugging Face folder")

@@ -4,7 +4,7 @@ from .checkpoint import load, merge_shards, save_hf, save_native, split_shards
 from .fast import optimize_for_inference
 from .generation import Generator, SamplingParams, generate, sample
 from .model import PRESETS, ModelArgs, Transformer, build
-from .prompts import chat_prompt_tokens, infilling_prompt_tokens
+from .prompts import chat_prompt_tokens, fit_dialog, infilling_prompt_tokens
 from .tokenizer import InfillingNotSupported, Tokenizer
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "Transformer",
     "build",
     "chat_prompt_tokens",
+    "fit_dialog",
     "generate",
     "infilling_prompt_tokens",
     "load",

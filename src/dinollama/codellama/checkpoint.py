@@ -218,6 +218,9 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device=None,
     """``(model, tokenizer)`` from an official folder, a Hugging Face folder or one of ours;
     ``"default"`` is the small model shipped with the package (trained here on CPython's stdlib)."""
     folder = default_model_dir() if str(path) == "default" else Path(path).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: no such model folder (give an official, Hugging Face or dinollama model "
+                                "folder, or 'default')")
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: expected a model folder (params.json or config.json with weights)")
     if (folder / "params.json").exists():

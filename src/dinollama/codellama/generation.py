@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -15,6 +16,9 @@ from .tokenizer import Tokenizer
 
 @dataclass
 class SamplingParams:
+    """How to decode; checked on creation, so the CLI, the Python API and the server refuse the same
+    values with the same one-line ``ValueError``."""
+
     max_gen_len: int = 256
     temperature: float = 0.0
     top_p: float = 0.95
@@ -23,6 +27,34 @@ class SamplingParams:
     logprobs: bool = False
     echo: bool = False
     stop_strings: Sequence[str] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        _check_int("max_gen_len", self.max_gen_len, low=1)
+        _check_int("top_k", self.top_k, low=0, note=" (0 = no top-k cut)")
+        if self.seed is not None:
+            _check_int("seed", self.seed, low=0)
+        _check_float("temperature", self.temperature, 0.0, None, "0 (greedy) or more")
+        _check_float("top_p", self.top_p, 0.0, 1.0, "in (0, 1]")
+        if self.top_p == 0.0:
+            raise ValueError("top_p must be in (0, 1], got 0; use temperature 0 for greedy decoding")
+        if isinstance(self.stop_strings, str):
+            self.stop_strings = (self.stop_strings,)
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise ValueError(f"stop strings must be non-empty strings, got {list(self.stop_strings)!r}")
+
+
+def _check_int(name: str, value, low: int, note: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}{note}, got {value}")
+
+
+def _check_float(name: str, value, low: float, high: float | None, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number {what}, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be {what}, got {value}")
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, gen: torch.Generator | None) -> torch.Tensor:
@@ -51,7 +83,8 @@ class Generator:
     def device(self) -> torch.device:
         return self.model.tok_embeddings.weight.device
 
-    def _check_length(self, prompts: list[list[int]], max_gen_len: int) -> int:
+    def check_length(self, prompts: list[list[int]], max_gen_len: int) -> int:
+        """Prompt + ``max_gen_len`` tokens, or a ``ValueError`` with the counts when over the context."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         total = max(len(p) for p in prompts) + max_gen_len
@@ -65,7 +98,7 @@ class Generator:
     @torch.inference_mode()
     def steps(self, prompts: list[list[int]], p: SamplingParams, stop_token: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(tokens, logprobs)`` after each decoding position (the reference's loop)."""
-        total = self._check_length(prompts, p.max_gen_len)
+        total = self.check_length(prompts, p.max_gen_len)
         bsz, pad = len(prompts), -1
         self.model.setup_cache(bsz, total)
         tokens = torch.full((bsz, total), pad, dtype=torch.long, device=self.device)

@@ -70,3 +70,22 @@ def _step_prompt_tokens(tokenizer: Tokenizer, dialog: list[Message]) -> list[int
         tokens += tokenizer.encode(f"Source: {msg['role']}\n\n {msg['content'].strip()}", False, False)
         tokens += [tokenizer.step_id]
     return tokens + tokenizer.encode("Source: assistant\nDestination: user\n\n ", False, False)
+
+
+def fit_dialog(tokenizer: Tokenizer, dialog: list[Message], context: int, min_reply: int) -> tuple[list[int], int]:
+    """Chat tokens of ``dialog`` trimmed to leave ``min_reply`` tokens of a ``context``, and how many
+    of its oldest user/assistant exchanges were dropped (a system message is kept).
+
+    Raises ``ValueError`` when the system message and the last user message alone do not fit.
+    """
+    system = dialog[:1] if dialog and dialog[0]["role"] == "system" else []
+    turns = dialog[len(system):]
+    dropped = 0
+    while True:
+        tokens = chat_prompt_tokens(tokenizer, system + turns)
+        if len(tokens) + min_reply <= context:
+            return tokens, dropped
+        if len(turns) <= 1:
+            raise ValueError(f"the message is {len(tokens)} tokens with the system prompt; the {context}-token context "
+                             f"leaves no room for a {min_reply}-token reply: shorten it (or the system prompt)")
+        turns, dropped = turns[2:], dropped + 1

@@ -20,13 +20,26 @@ class ImageLoadError(ValueError):
         self.path, self.reason = str(path), reason
 
 
+def _full_scale(img: Image.Image, arr: np.ndarray) -> float:
+    """The value that means white: the type's range for 16-bit images, 1.0 for float images in [0, 1]."""
+    hi = float(arr.max()) if arr.size else 0.0
+    if img.mode.startswith("I;16"):
+        return 65535.0
+    if img.mode == "F" and hi <= 1.0:
+        return 1.0
+    if hi <= 255:
+        return 255.0
+    return 65535.0 if hi <= 65535 else hi  # 16-bit data in a 32-bit container (PNG "I"), else its own maximum
+
+
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """RGB from any mode: alpha composited onto ``background``, 16-bit/float scaled to 8 bits."""
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+    """RGB from any mode, as users expect of an image library: alpha composited onto ``background``,
+    palettes and CMYK converted, 16-bit images scaled by their type's range and float images in
+    [0, 1] by 255."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        hi = arr.max()
-        arr = arr * (255.0 / hi) if hi > 255 else arr
-        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+        arr = np.nan_to_num(arr) * (255.0 / _full_scale(img, arr))
+        img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

@@ -23,12 +23,18 @@ DEFAULT_WEIGHTS = "weights/default.safetensors"
 CLASSIFIERS = [f"{b}_lc" for b in BACKBONES]
 
 
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
 def _parse(name: str) -> tuple[str, str, int, bool]:
     """``dinov2_vitb14_reg_lc`` -> (base name, arch, registers, linear classifier)."""
     lc = name.endswith("_lc")
     core = name[: -len("_lc")] if lc else name
     if core not in BACKBONES:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(BACKBONES + CLASSIFIERS)}")
+        if "/" in name or os.sep in name or Path(name).suffix in CHECKPOINT_SUFFIXES:
+            raise FileNotFoundError(f"{name}: no such checkpoint file or folder")
+        raise ValueError(f"unknown model {name!r}; choose from default, {', '.join(BACKBONES + CLASSIFIERS)}, "
+                         "or give a checkpoint path")
     size = core[len("dinov2_vit")]
     return f"dinov2_vit{size}14", _ARCH_OF[size], 4 if core.endswith("_reg") else 0, lc
 

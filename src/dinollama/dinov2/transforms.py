@@ -45,7 +45,8 @@ def to_tensor(img: Image.Image, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.T
 
 @dataclass(frozen=True)
 class EvalTransform:
-    """Resize the short side, center crop, normalise: PIL RGB image -> ``(3, crop, crop)`` float tensor."""
+    """Resize the short side, center crop, normalise: PIL image of any mode (converted to RGB as
+    :func:`dinollama.data.load_image` does) -> ``(3, crop, crop)`` float tensor."""
 
     resize_size: int = 256
     crop_size: int = 224
@@ -53,7 +54,9 @@ class EvalTransform:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        img = center_crop(resize_short_side(img, self.resize_size), self.crop_size)
+        from ..data.images import to_rgb
+
+        img = center_crop(resize_short_side(to_rgb(img), self.resize_size), self.crop_size)
         return to_tensor(img, self.mean, self.std)
 
 

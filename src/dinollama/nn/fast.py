@@ -3,7 +3,9 @@
 On this class of CPU (MKL on AMD), ``F.linear`` reaches a fraction of peak while oneDNN with a
 pre-packed weight layout is 1.2-1.3x faster, and it applies a GELU or a residual add to each
 output tile while the tile is still in cache; for short sequences in bf16 a plain batched matmul
-attention beats the CPU flash-attention kernel by 2x or more. GPUs are left alone.
+attention beats the CPU flash-attention kernel by 2x or more. GPUs are left alone. Whether a
+weight can be packed is decided by :mod:`dinollama.nn.kernels`; where it cannot (bf16 on a CPU
+without native bf16, ``DINOLLAMA_KERNELS=generic``) the same module runs plain torch ops.
 """
 
 from __future__ import annotations
@@ -14,9 +16,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kernels import cpu_kernels, notice
+
 
 def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """Whether oneDNN packed linears may be used at all (``DINOLLAMA_KERNELS=generic`` says no)."""
+    return cpu_kernels().onednn
+
+
+def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a oneDNN packed linear of ``dtype`` runs here; says once why not when the CPU lacks it."""
+    kernels = cpu_kernels()
+    if device.type != "cpu" or not kernels.onednn:
+        return False
+    if not kernels.can_pack(dtype):
+        name = str(dtype).removeprefix("torch.")
+        notice(f"this CPU has no native {name} (needs AVX512-{name.upper()}/AMX); {name} linears run unpacked on "
+               "torch's generic kernels (--dtype auto picks fp32 here)")
+        return False
+    return True
 
 
 class PackedLinear(nn.Module):
@@ -49,26 +67,33 @@ class PackedLinear(nn.Module):
             w = w.float() * s[:, None]
             b = b.float() * s if b is not None else None
         w = w.to(dtype)
-        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(w, rows_hint), persistent=False)
+        self.packed = can_pack(dtype, w.device)
+        weight = torch.ops.mkldnn._reorder_linear_weight(w, rows_hint) if self.packed else w.contiguous()
+        self.register_buffer("weight", weight, persistent=False)
         self.register_buffer("bias", b.to(dtype) if b is not None else None, persistent=False)
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if residual is not None and self.activation != "none":
+            raise ValueError("a residual add cannot follow a fused activation")
+        if not self.packed:
+            y = F.linear(x, self.weight, self.bias)
+            y = F.gelu(y) if self.activation == "gelu" else y
+            return y if residual is None else residual + y
         if residual is None:
             algorithm = "none" if self.activation == "gelu" else ""  # oneDNN's name for the erf form
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, self.activation, [], algorithm)
-        if self.activation != "none":
-            raise ValueError("a residual add cannot follow a fused activation")
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual.contiguous(), self.packed_weight, self.bias, "add")
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.activation, [], algorithm)
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual.contiguous(), self.weight, self.bias, "add")
 
     def extra_repr(self) -> str:
         fused = f", activation={self.activation}" if self.activation != "none" else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}{fused}, packed=oneDNN"
+        kernel = "oneDNN" if self.packed else "generic"
+        return f"in_features={self.in_features}, out_features={self.out_features}{fused}, kernel={kernel}"
 
 
 def pack_linears(module: nn.Module, rows_hint: int = 2048) -> nn.Module:
-    """Replace every CPU ``nn.Linear`` in ``module`` by a :class:`PackedLinear`, in place."""
+    """Replace every ``nn.Linear`` in ``module`` that oneDNN can pack here by a :class:`PackedLinear`, in place."""
     for name, child in list(module.named_children()):
-        if isinstance(child, nn.Linear) and child.weight.device.type == "cpu":
+        if isinstance(child, nn.Linear) and can_pack(child.weight.dtype, child.weight.device):
             setattr(module, name, PackedLinear(child, rows_hint))
         else:
             pack_linears(child, rows_hint)

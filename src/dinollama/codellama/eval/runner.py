@@ -34,6 +34,14 @@ class EvalSettings:
     seed: int = 0
     suffix_first: bool = False  # SPM instead of PSM for infilling
 
+    def __post_init__(self) -> None:
+        SamplingParams(max_gen_len=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed)
+        for name in ("n_samples", "batch_size") + (("workers",) if self.workers is not None else ()):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {getattr(self, name)!r}")
+        if not self.timeout > 0 or self.timeout == float("inf"):
+            raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
+
 
 def _done(results_path: Path) -> dict[tuple[str, int], dict]:
     if not results_path.exists():

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from ...distributed import setup
 from ...memory import keep_freed_memory
 from ...training import CosineSchedule, autocast_dtype, load_checkpoint, save_checkpoint
+from ...training.options import checked
 from ..model import ModelArgs, Transformer
 from .lora import apply_lora, merge_lora
 from .sft import IGNORE
@@ -56,13 +57,17 @@ class CodeTrainConfig:
     seed: int = 0
     parallel: str = "ddp"
 
+    POSITIVE = ("seq_len", "batch_size", "grad_accum", "lr", "max_iters", "eval_batches", "log_every", "save_every")
+    CHOICES = {"precision": ("bf16", "fp16", "fp32"), "parallel": ("ddp", "fsdp")}
+
     @classmethod
     def from_dict(cls, d: dict) -> CodeTrainConfig:
+        """Options by name, type-checked (``--set max_iters=abc`` names the key and what it takes)."""
         known = {f.name for f in fields(cls)}
         bad = sorted(set(d) - known)
         if bad:
             raise ValueError(f"unknown training option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
-        return cls(**d)
+        return checked(cls(**d))
 
 
 class TokenWindows:

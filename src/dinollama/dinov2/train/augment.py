@@ -160,6 +160,8 @@ class MultiCropConfig:
     # 1.0 keeps the whole frame (small, tightly framed images such as Fashion-MNIST).
     eval_crop_pct: float = 0.875
 
+    POSITIVE = ("global_crops_size", "local_crops_size", "eval_crop_pct")
+
 
 class MultiCrop:
     """Image ``(3, H, W)`` in [0, 1] -> ``{"global_crops": [2 x (3, G, G)], "local_crops": [n x (3, L, L)]}``."""

@@ -9,7 +9,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
-from ...training.options import overrides_to_dict
+from ...nn.kernels import notice
+from ...training.options import checked, overrides_to_dict
 from .augment import MultiCropConfig
 
 
@@ -26,6 +27,9 @@ class StudentConfig:
     num_heads: int | None = None
     pretrained_weights: str = ""
 
+    POSITIVE = ("patch_size", "embed_dim", "depth", "num_heads")
+    CHOICES = {"arch": ("vit_small", "vit_base", "vit_large", "vit_giant2"), "ffn_layer": ("mlp", "swiglufused")}
+
 
 @dataclass
 class DinoConfig:
@@ -35,6 +39,8 @@ class DinoConfig:
     head_nlayers: int = 3
     head_hidden_dim: int = 2048
     koleo_loss_weight: float = 0.1
+
+    POSITIVE = ("head_n_prototypes", "head_bottleneck_dim", "head_nlayers", "head_hidden_dim")
 
 
 @dataclass
@@ -48,6 +54,8 @@ class IbotConfig:
     head_nlayers: int = 3
     head_hidden_dim: int = 2048
 
+    POSITIVE = DinoConfig.POSITIVE
+
 
 @dataclass
 class TeacherConfig:
@@ -56,6 +64,8 @@ class TeacherConfig:
     warmup_teacher_temp: float = 0.04
     teacher_temp: float = 0.07
     warmup_teacher_temp_epochs: float = 30
+
+    POSITIVE = ("warmup_teacher_temp", "teacher_temp")
 
 
 @dataclass
@@ -73,6 +83,9 @@ class OptimConfig:
     layerwise_decay: float = 0.9
     adamw_beta1: float = 0.9
     adamw_beta2: float = 0.999
+
+    POSITIVE = ("epochs",)
+    CHOICES = {"scaling_rule": ("sqrt_wrt_1024", "linear_wrt_256", "none")}
 
 
 @dataclass
@@ -93,6 +106,11 @@ class TrainConfig:
     knn_holdout: int = 0  # labelled training images held out of training for the k-NN check
     knn_train: int = 5000  # training images in the k-NN index of the check
     max_iterations: int | None = None  # stop early (the schedules still span the full run)
+
+    POSITIVE = ("batch_size_per_gpu", "grad_accum", "epoch_length", "saveckp_every", "log_every", "knn_train",
+                "max_iterations")
+    CHOICES = {"centering": ("centering", "sinkhorn_knopp"), "precision": ("bf16", "fp16", "fp32"),
+               "parallel": ("ddp", "fsdp")}
 
 
 @dataclass
@@ -165,13 +183,18 @@ OFFICIAL_IGNORED = {
 _RENAMED = {"OFFICIAL_EPOCH_LENGTH": "epoch_length"}
 
 
-def _merge(obj, updates: dict, where: str):
-    """A copy of dataclass ``obj`` with ``updates`` applied; unknown keys name the section and choices."""
+def _merge(obj, updates: dict, where: str, explicit: bool = False):
+    """A copy of dataclass ``obj`` with ``updates`` applied; unknown keys name the section and choices.
+
+    Official keys with no meaning here are skipped, with a note when the user set one (``explicit``)."""
     known = {f.name: f for f in fields(obj)}
     changes = {}
     for key, value in updates.items():
         key = _RENAMED.get(key, key)
         if key in OFFICIAL_IGNORED and key not in known:
+            if explicit:
+                hint = "; set optim.base_lr (scaled by optim.scaling_rule)" if key == "lr" else ""
+                notice(f"{where}{key} is an official key with no effect here, ignored{hint}")
             continue
         if key not in known:
             raise ValueError(f"unknown config key {where}{key}; {where.rstrip('.') or 'top level'} has: {', '.join(known)}")
@@ -179,8 +202,8 @@ def _merge(obj, updates: dict, where: str):
         if is_dataclass(current):
             if not isinstance(value, dict):
                 raise ValueError(f"config section {where}{key} must be a mapping, got {value!r}")
-            value = _merge(current, value, f"{where}{key}.")
-        elif isinstance(current, tuple):
+            value = _merge(current, value, f"{where}{key}.", explicit)
+        elif isinstance(current, tuple) and isinstance(value, list):
             value = tuple(value)
         changes[key] = value
     return replace(obj, **changes)
@@ -207,5 +230,5 @@ def load_config(source: str | Path | None = None, preset: str | None = None, ove
         data.pop("MODEL", None)  # official configs carry a MODEL.WEIGHTS entry for evaluation
         cfg = _merge(cfg, data, "")
     if overrides:
-        cfg = _merge(cfg, overrides_to_dict(overrides), "")
-    return cfg
+        cfg = _merge(cfg, overrides_to_dict(overrides), "", explicit=True)
+    return checked(cfg)

@@ -1,0 +1,123 @@
+"""The one place that decides which kernels run, by device and CPU capability.
+
+oneDNN's packed bf16/fp16 linears need hardware support (AVX512-BF16/AMX, AVX512-FP16): on an
+AVX2-only CPU such as AMD Zen 3 ``_reorder_linear_weight`` raises. Everything that picks a fast
+path asks :func:`cpu_kernels` first and falls back to plain torch ops, so no command crashes for
+an instruction the CPU lacks.
+
+``DINOLLAMA_KERNELS`` forces a path, for tests and for comparing paths on one machine:
+
+- ``auto`` (default): what this CPU supports;
+- ``avx2``: behave as an AVX2-only CPU (oneDNN fp32 packing, no native bf16/fp16);
+- ``generic``: plain torch ops only (no oneDNN packing, no native bf16/fp16).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+ENV = "DINOLLAMA_KERNELS"
+MODES = ("auto", "avx2", "generic")
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
+_FP16_FLAGS = ("avx512_fp16", "amx_fp16", "fp16", "asimdhp")
+
+
+@dataclass(frozen=True)
+class CpuKernels:
+    """What the CPU paths may use; ``mode`` says whether it was forced."""
+
+    mode: str
+    capability: str  # torch's ATen kernel level: DEFAULT, AVX2, AVX512, ...
+    onednn: bool  # pre-packed oneDNN linears (fp32 on every x86 CPU oneDNN supports)
+    native_bf16: bool  # bf16 products in hardware: packed bf16 linears, bf16 as the auto dtype
+    native_fp16: bool
+
+    def can_pack(self, dtype: torch.dtype) -> bool:
+        """Whether a oneDNN packed linear of ``dtype`` runs here."""
+        if not self.onednn:
+            return False
+        return dtype == torch.float32 or (dtype == torch.bfloat16 and self.native_bf16) or (
+            dtype == torch.float16 and self.native_fp16)
+
+    def describe(self) -> str:
+        forced = f" (forced by {ENV}={self.mode})" if self.mode != "auto" else ""
+        return (f"cpu kernels: ATen {self.capability}, oneDNN packing {'on' if self.onednn else 'off'}, "
+                f"native bf16 {'yes' if self.native_bf16 else 'no'}, native fp16 {'yes' if self.native_fp16 else 'no'}"
+                f"{forced}")
+
+
+def _flags() -> dict:
+    get = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.7
+    return get() if get is not None else {}
+
+
+def _mkldnn_check(name: str) -> bool:
+    fn = getattr(torch.ops.mkldnn, name, None)
+    try:
+        return bool(fn()) if fn is not None else False
+    except RuntimeError:
+        return False
+
+
+def cpu_kernels() -> CpuKernels:
+    """The CPU's kernel choices under the current ``DINOLLAMA_KERNELS`` setting."""
+    mode = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"{ENV}={mode!r}: use one of {', '.join(MODES)}")
+    return _detect(mode)
+
+
+_CACHE: dict[str, CpuKernels] = {}
+
+
+def _detect(mode: str) -> CpuKernels:
+    if mode not in _CACHE:
+        flags = _flags()
+        onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        bf16 = any(flags.get(f) for f in _BF16_FLAGS) and _mkldnn_check("_is_mkldnn_bf16_supported")
+        fp16 = any(flags.get(f) for f in _FP16_FLAGS) and _mkldnn_check("_is_mkldnn_fp16_supported")
+        capability = torch.backends.cpu.get_cpu_capability()
+        if mode != "auto":
+            bf16 = fp16 = False
+            onednn = onednn and mode == "avx2"
+            capability = f"{capability}->AVX2" if mode == "avx2" and capability.startswith("AVX512") else capability
+        _CACHE[mode] = CpuKernels(mode, capability, onednn, bf16, fp16)
+    return _CACHE[mode]
+
+
+def native_dtype_support(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
+    """Whether ``dtype`` computes at full speed on ``device`` (GPUs: bf16 where CUDA says so)."""
+    device = torch.device(device)
+    if dtype == torch.float32:
+        return True
+    if device.type == "cuda":
+        return dtype == torch.float16 or (dtype == torch.bfloat16 and torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        k = cpu_kernels()
+        return k.native_bf16 if dtype == torch.bfloat16 else k.native_fp16 if dtype == torch.float16 else False
+    return dtype in (torch.float16, torch.bfloat16)  # mps, xpu: half precision is their fast path
+
+
+def auto_dtype(device: torch.device | str = "cpu") -> torch.dtype:
+    """bf16 where the device computes it natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs), else fp16 on
+    GPUs without bf16, else fp32."""
+    device = torch.device(device)
+    if native_dtype_support(torch.bfloat16, device):
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.float16
+    return torch.float32
+
+
+_SAID: set[str] = set()
+
+
+def notice(message: str) -> None:
+    """Print a one-line ``note:`` to stderr, once per process for each message."""
+    if message not in _SAID:
+        _SAID.add(message)
+        print(f"note: {message}", file=sys.stderr)
