@@ -24,7 +24,7 @@ from dinollama.nn import kernels
 ROOT = Path(__file__).resolve().parents[1]
 DINOLLAMA = str(Path(sys.executable).with_name("dinollama"))
 # What an AVX2-only CPU (AMD Zen 3) looks like to torch and oneDNN: packing bf16 weights raises there.
-AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "DINOLLAMA_KERNELS": "auto"}
 
 
 def cli(*args, env=None, input=None, timeout=120):

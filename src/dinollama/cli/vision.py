@@ -13,8 +13,17 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .options import (add_device_arg, add_dtype_arg, finite_float, image_size, nonneg_int, positive_int, resolve_dtype,
-                      writable_file, writable_folder)
+from .options import (
+    add_device_arg,
+    add_dtype_arg,
+    finite_float,
+    image_size,
+    nonneg_int,
+    positive_int,
+    resolve_dtype,
+    writable_file,
+    writable_folder,
+)
 
 
 def add_model_args(p: argparse.ArgumentParser, default: str = "default") -> None:

@@ -91,7 +91,7 @@ def _build_and_fill(args: ModelArgs, sd: dict[str, Tensor], source: Path, dtype,
         )
     sd = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
-    model.freqs_cis = model._freqs(args.max_seq_len * 2).to(device)
+    model.freqs_cis = model._freqs(args.max_seq_len).to(device)
     return model.eval()
 
 

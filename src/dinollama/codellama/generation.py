@@ -76,8 +76,20 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, g
 class Generator:
     """Text completion, infilling and chat over one model and tokenizer."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer) -> None:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, prefill_chunk: int = 2048,
+                 kv_dtype: torch.dtype | None = None) -> None:
+        """``prefill_chunk``: prompt tokens per forward pass (bounds activation memory at long context);
+        ``kv_dtype``: the KV cache's dtype (default the model's; ``torch.int8`` halves it)."""
         self.model, self.tokenizer = model, tokenizer
+        self.prefill_chunk, self.kv_dtype = prefill_chunk, kv_dtype
+
+    def _forward(self, tokens: torch.Tensor, start: int, end: int, all_logits: bool) -> torch.Tensor:
+        """Logits of positions ``start..end-1`` (only the last unless ``all_logits``), in chunks."""
+        outs = []
+        for lo in range(start, end, self.prefill_chunk):
+            hi = min(end, lo + self.prefill_chunk)
+            outs.append(self.model(tokens[:, lo:hi], lo, last_only=not all_logits))
+        return torch.cat(outs, 1) if all_logits else outs[-1]
 
     @property
     def device(self) -> torch.device:
@@ -100,7 +112,7 @@ class Generator:
         """Yield ``(tokens, logprobs)`` after each decoding position (the reference's loop)."""
         total = self.check_length(prompts, p.max_gen_len)
         bsz, pad = len(prompts), -1
-        self.model.setup_cache(bsz, total)
+        self.model.setup_cache(bsz, total, self.kv_dtype)
         tokens = torch.full((bsz, total), pad, dtype=torch.long, device=self.device)
         for k, t in enumerate(prompts):
             tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long)
@@ -110,7 +122,7 @@ class Generator:
         gen = torch.Generator(device=self.device).manual_seed(p.seed) if p.seed is not None else None
         prev = 0
         for cur in range(min(len(t) for t in prompts), total):
-            logits = self.model(tokens[:, prev:cur], prev)
+            logits = self._forward(tokens, prev, cur, p.logprobs)
             if p.logprobs:
                 target = tokens[:, prev + 1 : cur + 1]
                 logprobs[:, prev + 1 : cur + 1] = -F.cross_entropy(

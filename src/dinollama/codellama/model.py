@@ -13,6 +13,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ..nn import RMSNorm, SwiGLU, apply_rotary_emb, precompute_freqs_cis
+from .kvcache import KVCache, cached_attention, check_fits, plan_memory
 
 
 @dataclass
@@ -68,27 +69,20 @@ def _preset(size: str, variant: str) -> ModelArgs:
     return args
 
 
+LONG_CONTEXT = 100_000  # "support up to 100K tokens at inference time" (model card), for rope_theta 1e6
+
+
+def max_context(args: ModelArgs) -> int:
+    """The longest context a model addresses with RoPE as trained: 100,000 tokens for Code Llama's
+    rope_theta 1e6 (fine-tuned at 16K, extrapolating to 100K), else its own trained context."""
+    return max(args.max_seq_len, LONG_CONTEXT) if args.rope_theta >= 1e6 else args.max_seq_len
+
+
 PRESETS: dict[str, ModelArgs] = {
     f"codellama-{size}{'' if v == 'base' else '-' + v}": _preset(size, v)
     for size in _SIZES
     for v in ("base", "python", "instruct")
 }
-
-
-class KVCache(nn.Module):
-    """Preallocated keys/values ``(B, kv_heads, max_seq_len, head_dim)``, written in place."""
-
-    def __init__(self, batch: int, seq_len: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device=None) -> None:
-        super().__init__()
-        shape = (batch, kv_heads, seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        b, _, t, _ = k.shape
-        self.k[:b, :, start : start + t] = k
-        self.v[:b, :, start : start + t] = v
-        return self.k[:b, :, : start + t], self.v[:b, :, : start + t]
 
 
 class Attention(nn.Module):
@@ -104,7 +98,7 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
         self.wqkv: nn.Module | None = None
 
-    def forward(self, x: Tensor, freqs_cis: Tensor, start_pos: int, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, freqs_cis: Tensor, start_pos: int) -> Tensor:
         b, t, _ = x.shape
         if self.wqkv is not None:  # fused by optimize_for_inference: one projection instead of three
             q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2, dim=-1)
@@ -116,13 +110,13 @@ class Attention(nn.Module):
         q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.cache is not None:
-            k, v = self.cache.update(start_pos, k, v)
-        if t == 1:
-            out = self._decode_attention(q, k, v)
+            self.cache.update(start_pos, k, v)
+        if self.cache is not None and t == 1 and start_pos > 0 and not self.cache.quantized:
+            out = self._decode_attention(q, *self.cache.read(b, 0, start_pos + 1, q.dtype))  # views: no copy
+        elif self.cache is not None and start_pos > 0:  # a chunk after the cached past: fused kernels, no mask
+            out = cached_attention(q, k, v, self.cache, start_pos)
         else:
-            causal = mask is None and k.shape[2] == t
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                                 enable_gqa=self.n_kv != self.n_heads)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=self.n_kv != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
     def _decode_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -144,8 +138,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x: Tensor, freqs_cis: Tensor, start_pos: int, mask: Tensor | None) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos, mask)
+    def forward(self, x: Tensor, freqs_cis: Tensor, start_pos: int) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -160,7 +154,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         # Complex fp32 rotations kept out of the buffers: Module.to(dtype) would cast them to real.
-        self.freqs_cis = self._freqs(args.max_seq_len * 2)
+        self.freqs_cis = self._freqs(args.max_seq_len)
         self.max_batch = self.cache_len = 0
         self.activation_checkpointing = False  # recompute each block in backward: memory for time
 
@@ -168,37 +162,63 @@ class Transformer(nn.Module):
         return precompute_freqs_cis(self.params.head_dim, n, self.params.rope_theta)
 
     def setup_cache(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate the KV cache for up to ``max_batch`` sequences of ``max_seq_len`` tokens."""
-        dtype = dtype or self.tok_embeddings.weight.dtype
-        device = self.tok_embeddings.weight.device
+        """Allocate the KV cache for up to ``max_batch`` sequences of ``max_seq_len`` tokens.
+
+        ``dtype`` defaults to the weights'; ``torch.int8`` (or ``torch.float8_e4m3fn``) stores it
+        quantized, half the bytes of bf16. The memory it needs is checked first: ``MemoryError`` with
+        the numbers and the options, before anything is allocated.
+        """
+        if max_seq_len > self.params.max_seq_len:
+            raise ValueError(f"a {max_seq_len:,}-token cache exceeds the model's context of {self.params.max_seq_len:,} "
+                             "tokens; build or load it with max_seq_len (the CLI's --ctx)")
+        weight = self.tok_embeddings.weight
+        dtype = dtype or weight.dtype
+        self.clear_cache()  # the old cache's memory is free for the new one
+        resident = sum(p.nbytes for p in self.parameters()) + sum(b.nbytes for b in self.buffers())
+        plan = plan_memory(self.params, max_batch, max_seq_len, weight.dtype, dtype, n_params=resident // weight.element_size())
+        check_fits(plan, weight.device, max_seq_len, dtype, resident=plan.weights)
         for layer in self.layers:
             attn = layer.attention
-            attn.cache = KVCache(max_batch, max_seq_len, attn.n_kv, attn.head_dim, dtype, device)
+            attn.cache = KVCache(max_batch, max_seq_len, attn.n_kv, attn.head_dim, dtype, weight.device)
         if self.freqs_cis.shape[0] < max_seq_len:
-            self.freqs_cis = self._freqs(max_seq_len).to(device)
+            self.freqs_cis = self._freqs(max_seq_len).to(weight.device)
         self.max_batch, self.cache_len = max_batch, max_seq_len
+
+    def set_context(self, max_seq_len: int) -> Transformer:
+        """Serve up to ``max_seq_len`` tokens (the CLI's ``--ctx``), refusing more than :func:`max_context`;
+        RoPE stays as trained (no scaling). Returns the model."""
+        limit = max_context(self.params)
+        if max_seq_len > limit:
+            theta = f"{self.params.rope_theta:g}"
+            raise ValueError(f"--ctx {max_seq_len:,}: this model (rope_theta {theta}, trained context "
+                             f"{self.params.max_seq_len:,}) addresses at most {limit:,} tokens; Code Llama's "
+                             f"rope_theta 1e6 models go to {LONG_CONTEXT:,}")
+        self.params = replace(self.params, max_seq_len=max_seq_len)
+        return self
 
     def clear_cache(self) -> None:
         for layer in self.layers:
             layer.attention.cache = None
         self.max_batch = self.cache_len = 0
 
-    def _hidden(self, tokens: Tensor, start_pos: int, mask: Tensor | None) -> Tensor:
+    def _hidden(self, tokens: Tensor, start_pos: int) -> Tensor:
         h = self.tok_embeddings(tokens)
         if self.freqs_cis.device != h.device:
             self.freqs_cis = self.freqs_cis.to(h.device)
         freqs = self.freqs_cis[start_pos : start_pos + tokens.shape[1]]
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(layer, h, freqs, start_pos, mask, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, freqs, start_pos, use_reentrant=False)
             else:
-                h = layer(h, freqs, start_pos, mask)
-        return self.norm(h)
+                h = layer(h, freqs, start_pos)
+        return h
 
-    def forward(self, tokens: Tensor, start_pos: int = 0, *, train: bool = False) -> Tensor:
+    def forward(self, tokens: Tensor, start_pos: int = 0, *, train: bool = False, last_only: bool = False) -> Tensor:
         """Logits for ``tokens`` placed at ``start_pos`` of the cached sequence (float32, as the reference).
 
-        ``train=True`` is ``forward_train`` through ``__call__``, so DDP/FSDP wrappers see the call.
+        Any chunk at any ``start_pos`` is exact (prefill a long prompt chunk by chunk); ``last_only``
+        computes the logits of the last position only, so a long prefill never holds chunk x vocab
+        floats. ``train=True`` is ``forward_train`` through ``__call__``, so DDP/FSDP wrappers see the call.
         """
         if train:
             return self.forward_train(tokens)
@@ -207,11 +227,9 @@ class Transformer(nn.Module):
             if start_pos:
                 raise ValueError(f"no KV cache holds positions {start_pos}..{start_pos + t}; call setup_cache first")
             # An implicit cache covers the prompt and room to continue, not the whole context.
-            self.setup_cache(b, max(t, min(self.params.max_seq_len, 2048)))
-        mask = None
-        if t > 1 and start_pos > 0:  # chunked prefill: query i sees keys 0 .. start_pos + i
-            mask = torch.ones(t, start_pos + t, dtype=torch.bool, device=tokens.device).tril(start_pos)
-        return self.output(self._hidden(tokens, start_pos, mask)).float()
+            self.setup_cache(b, min(self.params.max_seq_len, max(t, 2048)))
+        h = self._hidden(tokens, start_pos)
+        return self.output(self.norm(h[:, -1:] if last_only else h)).float()
 
     def forward_train(self, tokens: Tensor) -> Tensor:
         """Cache-free causal forward for training; logits in the compute dtype."""
@@ -220,7 +238,7 @@ class Transformer(nn.Module):
         t = tokens.shape[1]
         if t > self.freqs_cis.shape[0]:
             self.freqs_cis = self._freqs(t).to(tokens.device)
-        return self.output(self._hidden(tokens, 0, None))
+        return self.output(self.norm(self._hidden(tokens, 0)))
 
 
 def build(name_or_args: str | ModelArgs, **overrides) -> Transformer:

@@ -6,7 +6,6 @@ import os
 
 from sentencepiece import SentencePieceProcessor
 
-
 _MARKER = "☺"
 
 
