@@ -194,3 +194,16 @@ def test_key_retrieval_probe_and_cli(long_model_folder, tmp_path, capsys):
     assert out.splitlines()[0].split() == ["tokens", "depth", "0", "depth", "1"] and "3000" in out
     rows = json.loads(report.read_text())["rows"]
     assert len(rows) == 4 and all(r["correct"] == (r["answer"] == str(r["key"])) for r in rows)
+
+
+def test_the_prepared_gpu_script_runs_on_cpu():
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    r = subprocess.run([sys.executable, str(script), "--device", "cpu", "--quick"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert sum(line.startswith("vision vit") for line in lines) == 8, r.stdout
+    code = next(line for line in lines if line.startswith("code "))
+    assert float(code.split("one pass at 2048 tokens (fp32): ")[1].split(";")[0]) < 1e-4, code

@@ -194,13 +194,26 @@ def _classify_default(args, k: int = 20) -> int:
 def cmd_convert(args) -> int:
     from ..dinov2 import load, save
 
-    if args.format == "hf":
+    fmt = args.format or ("onnx" if str(args.output).endswith(".onnx") else "safetensors")
+    if fmt == "hf":
         writable_folder(args.output, "OUTPUT")
     else:
         writable_file(args.output, "OUTPUT", parents=True)
-    model = load(args.checkpoint)  # a path (architecture inferred) or a hub name with official weights
-    out = save(model, args.output, format=args.format)
-    print(f"wrote {out} ({args.format})")
+    if args.image_size and fmt != "onnx":
+        raise ValueError(f"--image-size only applies to --format onnx (the {fmt} file holds every size)")
+    model = load(args.checkpoint)  # a path (architecture inferred), 'default', or a hub name with official weights
+    if fmt == "onnx":
+        from ..dinov2.onnx import export_onnx
+
+        backbone = getattr(model, "backbone", model)
+        size = args.image_size or [backbone.default_image_size] * 2
+        out = export_onnx(model, args.output, tuple(size))
+        print(f"wrote {out} (onnx, opset 18, input image N x 3 x {size[0]} x {size[1]})")
+        return 0
+    if getattr(model, "backbone", None) is not None:
+        raise ValueError(f"{args.checkpoint}: a classifier (*_lc) converts to onnx only; convert the backbone name")
+    out = save(model, args.output, format=fmt)
+    print(f"wrote {out} ({fmt})")
     return 0
 
 
@@ -248,10 +261,14 @@ def register(sub) -> None:
     p.add_argument("--topk", type=positive_int, default=5)
     p.set_defaults(func=cmd_classify)
 
-    p = sub.add_parser("convert", help="export a backbone checkpoint to safetensors, .pth or a Hugging Face folder")
-    p.add_argument("checkpoint", help="any supported checkpoint file/folder, or a hub name (official weights)")
+    p = sub.add_parser("convert", help="export a backbone to safetensors, .pth, a Hugging Face folder or ONNX")
+    p.add_argument("checkpoint", help="any supported checkpoint file/folder, 'default', or a hub name (official "
+                   "weights; *_lc classifiers for onnx)")
     p.add_argument("output")
-    p.add_argument("--format", choices=["safetensors", "pth", "hf"], default="safetensors")
+    p.add_argument("--format", choices=["safetensors", "pth", "hf", "onnx"], default=None,
+                   help="default: onnx for a .onnx OUTPUT, else safetensors")
+    p.add_argument("--image-size", type=image_size, nargs=2, metavar=("H", "W"), default=None,
+                   help="onnx: the input size the graph takes (multiples of 14; default: the model's default_image_size)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("download", help="fetch official weights into the cache (resumable)")

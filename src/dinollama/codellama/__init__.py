@@ -5,10 +5,13 @@ from .fast import optimize_for_inference
 from .generation import Generator, SamplingParams, generate, sample
 from .model import PRESETS, ModelArgs, Transformer, build
 from .prompts import chat_prompt_tokens, fit_dialog, infilling_prompt_tokens
+from .quant import QuantConfig, QuantLinear, quantize
 from .tokenizer import InfillingNotSupported, Tokenizer
 
 __all__ = [
     "PRESETS",
+    "QuantConfig",
+    "QuantLinear",
     "Generator",
     "InfillingNotSupported",
     "ModelArgs",
@@ -23,6 +26,7 @@ __all__ = [
     "load",
     "optimize_for_inference",
     "merge_shards",
+    "quantize",
     "sample",
     "save_hf",
     "save_native",

@@ -21,12 +21,14 @@ from torch import Tensor
 
 from ..io import CheckpointError, read_state_dict, save_safetensors
 from .model import ModelArgs, Transformer
+from .quant import quantized_skeleton
 from .tokenizer import Tokenizer
 
 # Official model-parallel layout (fairscale): which dim each weight is split along.
 _CAT_DIM0 = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3", "output")
 _CAT_DIM1 = ("tok_embeddings", "attention.wo", "feed_forward.w2")
 _ARG_FIELDS = {f for f in ModelArgs.__dataclass_fields__}
+QUANT_BUFFERS = (".qweight", ".scales", ".mins")  # quantized weights keep their own dtypes
 
 
 def shard_dim(key: str) -> int | None:
@@ -47,7 +49,7 @@ def merge_shards(shards: list[dict[str, Tensor]], dtype: torch.dtype | None = No
             continue
         dim = shard_dim(key)
         parts = [s[key] for s in shards]
-        target = dtype or parts[0].dtype
+        target = parts[0].dtype if dtype is None or key.endswith(QUANT_BUFFERS) else dtype
         if dim is None or len(parts) == 1:
             out[key] = parts[0].to(target)
             continue
@@ -80,16 +82,20 @@ def _args_from_params(params: dict, vocab: int, **overrides) -> ModelArgs:
     return ModelArgs(**{**known, **overrides})
 
 
-def _build_and_fill(args: ModelArgs, sd: dict[str, Tensor], source: Path, dtype, device) -> Transformer:
+def _build_and_fill(args: ModelArgs, sd: dict[str, Tensor], source: Path, dtype, device,
+                    quantization: dict | None = None) -> Transformer:
     with torch.device("meta"):
         model = Transformer(args)
+        if quantization:
+            quantized_skeleton(model, quantization)
     missing, unexpected = set(model.state_dict()) - set(sd), set(sd) - set(model.state_dict())
     if missing or unexpected:
         raise CheckpointError(
             f"{source}: weights do not fit the Code Llama architecture in its config; missing: "
             f"{sorted(missing)[:6]}, unexpected: {sorted(unexpected)[:6]}"
         )
-    sd = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in sd.items()}
+    sd = {k: v.to(device=device, dtype=v.dtype if k.endswith(QUANT_BUFFERS) or dtype is None else dtype)
+          for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     model.freqs_cis = model._freqs(args.max_seq_len).to(device)
     return model.eval()
@@ -104,7 +110,7 @@ def load_official(folder: Path, dtype=None, device=None, **overrides) -> Transfo
     shards = [read_state_dict(f) for f in files]
     sd = merge_shards(shards, dtype)
     args = _args_from_params(params, sd["tok_embeddings.weight"].shape[0], **overrides)
-    return _build_and_fill(args, sd, folder, dtype, device)
+    return _build_and_fill(args, sd, folder, dtype, device, params.get("quantization"))
 
 
 def _unpermute(w: Tensor, n_heads: int) -> Tensor:
@@ -197,7 +203,8 @@ def save_native(model: Transformer, folder: str | os.PathLike, tokenizer: Tokeni
     """Our format: Meta's key names in ``model.safetensors`` + ``params.json`` (+ ``tokenizer.model``)."""
     folder = Path(folder)
     save_safetensors(model.state_dict(), folder / "model.safetensors")
-    (folder / "params.json").write_text(json.dumps(model.params.to_dict(), indent=2))
+    params = {**model.params.to_dict(), **({"quantization": model.quantization} if hasattr(model, "quantization") else {})}
+    (folder / "params.json").write_text(json.dumps(params, indent=2))
     if tokenizer is not None:
         shutil.copy(tokenizer.model_file, folder / "tokenizer.model")
     return folder

@@ -11,9 +11,12 @@ from torch import nn
 
 from ..nn import onednn_available, pack_linears
 from .model import Transformer
+from .quant import QuantLinear, cat_quant
 
 
-def _stack(*linears: nn.Linear) -> nn.Linear:
+def _stack(*linears: nn.Module) -> nn.Module:
+    if all(isinstance(lin, QuantLinear) for lin in linears):
+        return cat_quant(list(linears))
     w = torch.cat([lin.weight.detach() for lin in linears])
     out = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
     out.weight = nn.Parameter(w, requires_grad=False)

@@ -4,6 +4,7 @@ from .convert import detect_format, infer_config, to_hf, to_official
 from .fast import optimize_for_inference
 from .hub import BACKBONES, CLASSIFIERS, LinearClassifier, build, imagenet_classes, load, load_weights, save, weight_url
 from .model import ARCHS, DinoVisionTransformer, ViTConfig, build_vit, fit_to_patches
+from .onnx import export_onnx
 from .transforms import EvalTransform, default_transform, make_eval_transform
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "build_vit",
     "default_transform",
     "detect_format",
+    "export_onnx",
     "fit_to_patches",
     "imagenet_classes",
     "infer_config",

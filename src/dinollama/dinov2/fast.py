@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import Attention, LayerScale, Mlp, PackedLinear, onednn_available, self_attention
+from ..nn.fast import Int8Linear
 from .model import Block, DinoVisionTransformer
 
 
@@ -26,15 +27,22 @@ class InferenceBlock(nn.Module):
 
     def __init__(self, block: Block, rows_hint: int, dtype: torch.dtype, bmm: bool) -> None:
         super().__init__()
-        self.norm1, self.norm2 = block.norm1.to(dtype), block.norm2.to(dtype)
+        compute = torch.float32 if dtype == torch.int8 else dtype  # int8: weights only, the rest in fp32
+        self.norm1, self.norm2 = block.norm1.to(compute), block.norm2.to(compute)
         self.num_heads, self.bmm = block.attn.num_heads, bmm
-        self.qkv = PackedLinear(block.attn.qkv, rows_hint, dtype=dtype)
-        self.proj = PackedLinear(block.attn.proj, rows_hint, scale=_gamma(block.ls1), dtype=dtype)
+
+        def linear(lin: nn.Linear, scale=None, activation="none") -> nn.Module:
+            if dtype == torch.int8:
+                return Int8Linear(lin, scale=scale, activation=activation)
+            return PackedLinear(lin, rows_hint, scale=scale, activation=activation, dtype=dtype)
+
+        self.qkv = linear(block.attn.qkv)
+        self.proj = linear(block.attn.proj, scale=_gamma(block.ls1))
         mlp = block.mlp
         self.gated = not isinstance(mlp, Mlp)  # SwiGLUFused: silu(first half) * second half
         fc_in, fc_out = (mlp.w12, mlp.w3) if self.gated else (mlp.fc1, mlp.fc2)
-        self.fc_in = PackedLinear(fc_in, rows_hint, activation="none" if self.gated else "gelu", dtype=dtype)
-        self.fc_out = PackedLinear(fc_out, rows_hint, scale=_gamma(block.ls2), dtype=dtype)
+        self.fc_in = linear(fc_in, activation="none" if self.gated else "gelu")
+        self.fc_out = linear(fc_out, scale=_gamma(block.ls2))
 
     def forward(
         self, x: Tensor, return_attention: bool = False, queries: int | None = None
@@ -55,16 +63,20 @@ def optimize_for_inference(
 
     Call it after the weights are loaded: the rewritten blocks have no ``state_dict()`` entries.
     LayerScale is folded into the weights before the cast, from the original precision. On other
-    devices only the dtype changes. The result is for ``torch.inference_mode()``.
+    devices only the dtype changes. ``dtype=torch.int8`` (CPU) quantizes the block linears to int8
+    weights with int8 activations per token (dynamic) and keeps everything else in fp32: inputs
+    and outputs stay float32. The result is for ``torch.inference_mode()``.
     """
     model = model if inplace else copy.deepcopy(model)
     model = model.eval().requires_grad_(False)
     dtype = dtype or model.cls_token.dtype
     on_cpu = model.cls_token.device.type == "cpu"
+    if dtype == torch.int8 and not on_cpu:
+        raise ValueError("dtype=torch.int8 is the CPU path; on GPUs use bfloat16 or float16")
     bmm = on_cpu and dtype in (torch.bfloat16, torch.float16)
-    if on_cpu and onednn_available():
+    if on_cpu and (onednn_available() or dtype == torch.int8):
         model.blocks = nn.ModuleList(InferenceBlock(b, rows_hint, dtype, bmm) for b in model.blocks)
-    model = model.to(dtype=dtype)
+    model = model.to(dtype=torch.float32 if dtype == torch.int8 else dtype)
     for m in model.modules():
         if isinstance(m, Attention):
             m.bmm_attention = bmm

@@ -118,3 +118,40 @@ def bmm_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         scores = torch.baddbmm(q.new_empty(1, 1, 1), q[i], k[i].transpose(1, 2), beta=0.0, alpha=d**-0.5)
         out[i] = torch.bmm(F.softmax(scores, dim=-1), v[i]).transpose(0, 1)
     return out
+
+
+class Int8Linear(nn.Module):
+    """Dynamic int8 ``nn.Linear`` for CPU inference: int8 weights with a scale per output channel,
+    activations quantized per row (token) at run time, int32 products by ``torch._int_mm`` (oneDNN,
+    with VNNI/AMX-INT8 where the CPU has them). Same interface as :class:`PackedLinear`: a LayerScale
+    ``scale`` is folded in before quantizing, ``activation="gelu"`` and ``residual`` are applied after.
+    """
+
+    def __init__(self, linear: nn.Linear, scale: Tensor | None = None, activation: Literal["none", "gelu"] = "none") -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.activation = linear.in_features, linear.out_features, activation
+        w = linear.weight.detach().float()
+        b = linear.bias.detach().float() if linear.bias is not None else None
+        if scale is not None:
+            w, b = w * scale.detach().float()[:, None], (b * scale.detach().float() if b is not None else None)
+        w_scale = (w.abs().amax(1) / 127.0).clamp_min(1e-12)
+        self.register_buffer("weight", (w / w_scale[:, None]).round().clamp(-127, 127).to(torch.int8).t().contiguous(),
+                             persistent=False)  # (in, out): _int_mm's layout
+        self.register_buffer("weight_scale", w_scale, persistent=False)
+        self.register_buffer("bias", b, persistent=False)
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        x_scale = (x2.abs().amax(1, keepdim=True) / 127.0).clamp_min(1e-12)
+        xq = (x2 / x_scale).round_().to(torch.int8)
+        y = torch._int_mm(xq, self.weight).float().mul_(x_scale).mul_(self.weight_scale)
+        if self.bias is not None:
+            y += self.bias
+        y = y.view(*shape[:-1], self.out_features)
+        y = F.gelu(y) if self.activation == "gelu" else y
+        return y if residual is None else residual + y
+
+    def extra_repr(self) -> str:
+        fused = f", activation={self.activation}" if self.activation != "none" else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}{fused}, int8 (dynamic)"

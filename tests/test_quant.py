@@ -1,0 +1,97 @@
+"""Weight-only int8/int4 Code Llama linears: every scheme and kernel against the dequantized product,
+bytes per weight, save/load, the fast path, and perplexity against bf16."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinollama.codellama import (ModelArgs, QuantConfig, QuantLinear, Transformer, load, optimize_for_inference,
+                                 quantize, save_native)
+from dinollama.codellama.checkpoint import default_model_dir
+from dinollama.nn import kernels
+
+SCHEMES = [QuantConfig(8, 0), QuantConfig(8, 32), QuantConfig(4, 32), QuantConfig(4, 64), QuantConfig(4, 128),
+           QuantConfig(4, 32, symmetric=False)]
+
+
+@pytest.mark.parametrize("config", SCHEMES, ids=lambda c: f"int{c.bits}-g{c.group_size}-{'sym' if c.symmetric else 'asym'}")
+@pytest.mark.parametrize("out_features", [48, 40])  # 40: not a multiple of 16, the int4 kernel's tile
+@pytest.mark.parametrize("mode", ["auto", "generic"])
+def test_quant_linear_equals_the_dequantized_product(config, out_features, mode, monkeypatch):
+    monkeypatch.setenv(kernels.ENV, mode)
+    torch.manual_seed(0)
+    w = torch.randn(out_features, 256)
+    q = QuantLinear.from_float(w, config)
+    deq = q.dequantize()
+    step = (w.abs().amax() / (127 if config.bits == 8 else 7)).item()
+    assert (deq - w).abs().max() <= step  # rounding to the nearest level of its group
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        x = torch.randn(3, 5, 256).to(dtype)
+        got = q(x)
+        ref = F.linear(x.float(), deq)
+        assert got.shape == (3, 5, out_features) and got.dtype == dtype
+        assert (got.float() - ref).abs().max() <= tol * ref.abs().max(), q.kernel(x)
+    expected = "generic" if mode == "generic" else (
+        "int8pack" if config.bits == 8 and config.group_size == 0 else
+        "int4pack" if config.bits == 4 and out_features % 16 == 0 else "generic")
+    assert q.kernel(x) == expected
+
+
+def test_bytes_per_weight():
+    w = torch.randn(256, 4096)
+    assert QuantLinear.from_float(w, QuantConfig(8, 32)).nbytes / w.numel() == pytest.approx(1.0625)
+    assert QuantLinear.from_float(w, QuantConfig(4, 32)).nbytes / w.numel() == pytest.approx(0.5625)
+    assert QuantLinear.from_float(w, QuantConfig(4, 32, False)).nbytes / w.numel() == pytest.approx(0.625)
+
+
+def test_bad_schemes_are_refused():
+    with pytest.raises(ValueError, match="group_size must be"):
+        QuantConfig(4, 48)
+    with pytest.raises(ValueError, match="int4 needs groups"):
+        QuantConfig(4, 0)
+    with pytest.raises(ValueError, match="'int8' or 'int4'"):
+        quantize(Transformer(ModelArgs(dim=64, n_layers=1, n_heads=2, vocab_size=50, multiple_of=32)), "int3")
+
+
+def _perplexity(model, ids):
+    with torch.inference_mode():
+        logits = model.forward_train(ids[:, :-1]).float()
+    return math.exp(F.cross_entropy(logits[0], ids[0, 1:]).item())
+
+
+@pytest.mark.parametrize("scheme,tol", [("int8", 0.01), ("int4", 0.05)])
+def test_quantized_model_runs_saves_loads_and_keeps_perplexity(scheme, tol, tmp_path):
+    ref, tok = load("default", dtype=torch.bfloat16)
+    snippets = json.loads((default_model_dir() / "heldout_snippets.json").read_text())
+    text = "\n".join(s["prefix"] + s["middle"] + s["suffix"] for s in snippets)
+    ids = torch.tensor([tok.encode(text, True, False)[:512]])
+    base = _perplexity(ref, ids)
+    model, _ = load("default", dtype=torch.bfloat16)
+    quantize(model, scheme, group_size=32)
+    ppl = _perplexity(model, ids)
+    assert abs(ppl - base) / base < tol, (ppl, base)
+    folder = save_native(model, tmp_path / "q", tok)
+    again, _ = load(folder, dtype=torch.bfloat16)
+    assert isinstance(again.layers[0].attention.wq, QuantLinear)
+    assert _perplexity(again, ids) == pytest.approx(ppl, rel=1e-6)
+    with torch.inference_mode():
+        plain = again(ids[:, :40], 0)
+        fast = optimize_for_inference(again)(ids[:, :40], 0)
+    assert (fast - plain).abs().max() < 0.05 * plain.abs().max()
+
+
+def test_random_134m_model_perplexity_in_int8_and_int4():
+    torch.manual_seed(0)
+    args = ModelArgs(dim=768, n_layers=12, n_heads=12, vocab_size=32016, multiple_of=256, rope_theta=1e6, max_seq_len=512)
+    model = Transformer(args).to(torch.bfloat16).eval()
+    ids = torch.randint(3, 32016, (1, 256), generator=torch.Generator().manual_seed(1))
+    base = _perplexity(model, ids)
+    sd = model.state_dict()
+    for scheme, tol in (("int8", 0.01), ("int4", 0.05)):
+        q = Transformer(args).to(torch.bfloat16).eval()
+        q.load_state_dict(sd)
+        quantize(q, scheme)
+        assert abs(_perplexity(q, ids) - base) / base < tol, scheme

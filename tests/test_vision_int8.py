@@ -1,0 +1,55 @@
+"""The int8 vision path: each linear against the dequantized product, and the shipped backbone's
+k-NN accuracy and feature cosine against fp32."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinollama.dinov2.train.data import ArraySource
+from dinollama.data.mnist import load_fashion_mnist
+from dinollama.dinov2 import build, load, optimize_for_inference
+from dinollama.dinov2.train.monitor import embed_source
+from dinollama.dinov2.eval import knn_predict
+from dinollama.nn.fast import Int8Linear
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 24, 40), (3, 5, 33, 17)])
+def test_int8_linear_equals_the_dequantized_product(shape):
+    torch.manual_seed(0)
+    b, t, k, n = shape
+    lin, gamma = torch.nn.Linear(k, n), torch.rand(n) + 0.5
+    x, res = torch.randn(b, t, k), torch.randn(b, t, n)
+    q = Int8Linear(lin, scale=gamma)
+    w = q.weight.t().float() * q.weight_scale[:, None]  # what the int8 weights stand for
+    xs = x.abs().amax(-1, keepdim=True) / 127
+    xq = (x / xs).round() * xs
+    ref = res + F.linear(xq, w, q.bias)
+    torch.testing.assert_close(q(x, residual=res), ref, atol=1e-4, rtol=1e-4)
+    plain = res + gamma * lin(x)
+    assert (q(x, residual=res) - plain).abs().max() < 0.05 * plain.abs().max()  # int8 rounding only
+    torch.testing.assert_close(Int8Linear(lin, activation="gelu")(x), F.gelu(Int8Linear(lin)(x)))
+
+
+def test_int8_vit_is_close_to_fp32():
+    torch.manual_seed(0)
+    model = build("dinov2_vits14_reg", depth=3, img_size=56).eval()
+    x = torch.randn(2, 3, 56, 56)
+    with torch.inference_mode():
+        ref = model(x)
+        got = optimize_for_inference(model, dtype=torch.int8)(x)
+    assert got.dtype == torch.float32
+    assert F.cosine_similarity(got, ref).min() > 0.99
+
+
+def test_int8_default_backbone_keeps_its_knn_accuracy():
+    model = load("default")
+    xtr, ytr = load_fashion_mnist("train", "mini")
+    xte, yte = load_fashion_mnist("test", "mini")
+    feats = {}
+    for name, m in {"fp32": optimize_for_inference(model), "int8": optimize_for_inference(model, dtype=torch.int8)}.items():
+        ftr = embed_source(m, ArraySource(xtr, ytr), list(range(len(xtr))), torch.device("cpu"), None)
+        fte = embed_source(m, ArraySource(xte, yte), list(range(len(xte))), torch.device("cpu"), None)
+        acc = float((knn_predict(ftr, torch.tensor(ytr), fte, ks=(20,))[20] == torch.tensor(yte)).float().mean())
+        feats[name] = (fte, acc)
+    assert abs(feats["int8"][1] - feats["fp32"][1]) <= 0.005, (feats["int8"][1], feats["fp32"][1])
+    assert F.cosine_similarity(feats["int8"][0].float(), feats["fp32"][0].float()).mean() > 0.99
