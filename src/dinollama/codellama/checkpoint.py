@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -195,7 +194,7 @@ def save_hf(model: Transformer, folder: str | os.PathLike, tokenizer: Tokenizer 
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     if tokenizer is not None:
-        shutil.copy(tokenizer.model_file, folder / "tokenizer.model")
+        tokenizer.save(folder / "tokenizer.model")
     return folder
 
 
@@ -206,7 +205,7 @@ def save_native(model: Transformer, folder: str | os.PathLike, tokenizer: Tokeni
     params = {**model.params.to_dict(), **({"quantization": model.quantization} if hasattr(model, "quantization") else {})}
     (folder / "params.json").write_text(json.dumps(params, indent=2))
     if tokenizer is not None:
-        shutil.copy(tokenizer.model_file, folder / "tokenizer.model")
+        tokenizer.save(folder / "tokenizer.model")
     return folder
 
 
@@ -222,9 +221,14 @@ def default_model_dir() -> Path:
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device=None, **overrides) -> tuple[Transformer, Tokenizer | None]:
-    """``(model, tokenizer)`` from an official folder, a Hugging Face folder or one of ours;
-    ``"default"`` is the small model shipped with the package (trained here on CPython's stdlib)."""
+    """``(model, tokenizer)`` from an official folder, a Hugging Face folder, one of ours, or a GGUF file
+    (quantized types stay low-bit in memory); ``"default"`` is the small model shipped with the package
+    (trained here on CPython's stdlib)."""
     folder = default_model_dir() if str(path) == "default" else Path(path).expanduser()
+    if folder.is_file() and folder.suffix == ".gguf":
+        from .gguf_file import load_gguf
+
+        return load_gguf(folder, dtype, device, **overrides)
     if not folder.exists():
         raise FileNotFoundError(f"{folder}: no such model folder (give an official, Hugging Face or dinollama model "
                                 "folder, or 'default')")

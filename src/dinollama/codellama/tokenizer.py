@@ -16,11 +16,15 @@ class InfillingNotSupported(ValueError):
 class Tokenizer:
     """Same API and ids as the reference tokenizer: bos 1, eos 2, infilling pieces found by name."""
 
-    def __init__(self, model_file: str | os.PathLike) -> None:
-        if not os.path.isfile(model_file):
-            raise FileNotFoundError(f"{model_file}: no such tokenizer model file")
-        self.model_file = str(model_file)
-        self.sp_model = SentencePieceProcessor(model_file=self.model_file)
+    def __init__(self, model_file: str | os.PathLike | None = None, *, model_proto: bytes | None = None) -> None:
+        if model_proto is not None:  # e.g. rebuilt from a GGUF file's metadata
+            self.model_file = "<in memory>"
+            self.sp_model = SentencePieceProcessor(model_proto=model_proto)
+        else:
+            if model_file is None or not os.path.isfile(model_file):
+                raise FileNotFoundError(f"{model_file}: no such tokenizer model file")
+            self.model_file = str(model_file)
+            self.sp_model = SentencePieceProcessor(model_file=self.model_file)
         self.n_words = self.sp_model.vocab_size()
         self.bos_id, self.eos_id, self.pad_id = self.sp_model.bos_id(), self.sp_model.eos_id(), self.sp_model.pad_id()
         self.prefix_id = self._piece("▁<PRE>")
@@ -30,6 +34,15 @@ class Tokenizer:
         self.step_id = self._piece("<step>")
         self._marker_ids = self.sp_model.encode(_MARKER)
         self._marker_is_piece = self._piece(_MARKER) is not None
+
+    @classmethod
+    def from_proto(cls, model_proto: bytes) -> Tokenizer:
+        return cls(model_proto=model_proto)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the SentencePiece model (``tokenizer.model``)."""
+        with open(path, "wb") as f:
+            f.write(self.sp_model.serialized_model_proto())
 
     def _piece(self, piece: str) -> int | None:
         i = self.sp_model.piece_to_id(piece)
