@@ -133,6 +133,9 @@ FAST_PATH_TESTS = [
     "tests/test_dinov2_model.py::test_packed_linear_fusions_match_plain_ops",
     "tests/test_codellama_model.py::test_optimize_for_inference_keeps_logits",
     "tests/test_defaults.py::test_default_code_model_through_the_eval_pipeline",
+    "tests/test_vision_int8.py::test_int8_vit_is_close_to_fp32",
+    "tests/test_quant.py::test_quant_linear_equals_the_dequantized_product",
+    "tests/test_long_context.py::test_chunked_prefill_equals_one_pass",
 ]
 
 

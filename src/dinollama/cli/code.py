@@ -16,6 +16,8 @@ from .options import (
     positive_float,
     positive_int,
     resolve_dtype,
+    writable_file,
+    writable_folder,
 )
 
 FILL_MARKER = "<FILL_ME>"
@@ -132,8 +134,52 @@ def cmd_infill(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    """A model folder (or GGUF file) to a quantized folder of ours, or to a GGUF file."""
+    from ..codellama import load, quantize, save_gguf, save_native
+
+    out = Path(args.output)
+    to_gguf = out.suffix == ".gguf"
+    if to_gguf:
+        writable_file(out, "OUTPUT", parents=True)
+    else:
+        writable_folder(out, "OUTPUT")
+    model, tok = load(args.model, dtype=torch.float32 if to_gguf else torch.bfloat16)
+    if tok is None:
+        raise FileNotFoundError(f"{args.model}/tokenizer.model: the model folder needs its tokenizer")
+    if to_gguf:
+        qtype = args.qtype or {"int8": "q8_0", "int4": "q4_0"}.get(args.scheme, "f16")
+        if args.scheme and qtype in ("q8_0", "q4_0"):
+            quantize(model, args.scheme, group_size=32, head=True)  # written as their own codes
+        save_gguf(model, tok, out, qtype)
+        print(f"wrote {out} (GGUF {qtype})")
+        return 0
+    if args.qtype:
+        raise ValueError("--qtype is for a .gguf OUTPUT; a folder takes --scheme int8|int4")
+    quantize(model, args.scheme or "int8", group_size=args.group_size, symmetric=not args.asymmetric, head=args.head)
+    out.mkdir(parents=True, exist_ok=True)
+    save_native(model, out, tok)
+    size = (out / "model.safetensors").stat().st_size
+    print(f"wrote {out} ({args.scheme or 'int8'}, groups of {args.group_size or 'one row'}; {size / 2**20:.1f} MiB)")
+    return 0
+
+
 def register(sub) -> None:
     from .chat import cmd_chat
+
+    p = sub.add_parser("quantize", help="quantize a Code Llama model: int8/int4 folder, or a GGUF file for llama.cpp",
+                       description="MODEL (folder, GGUF or 'default') -> OUTPUT folder (ours, weight-only int8/int4) "
+                                   "or OUTPUT.gguf (f16, q8_0, q4_0) that llama.cpp and Ollama run.")
+    p.add_argument("model")
+    p.add_argument("output")
+    p.add_argument("--scheme", choices=["int8", "int4"], default=None, help="weights (default: int8 for a folder)")
+    p.add_argument("--group-size", type=int, choices=[0, 32, 64, 128, 256], default=32,
+                   help="weights per scale (0: one per output channel, int8 only)")
+    p.add_argument("--asymmetric", action="store_true", help="int4 with a minimum per group (Q4_1)")
+    p.add_argument("--head", action="store_true", help="quantize the output head too")
+    p.add_argument("--qtype", choices=["f32", "f16", "bf16", "q8_0", "q4_0"], default=None,
+                   help="GGUF tensor type (default: from --scheme, else f16)")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("complete", help="continue code or text (streamed)")
     p.add_argument("prompt", help="prompt text, a file, or - for stdin")

@@ -1,0 +1,146 @@
+"""Code Llama on GGUF files: a cross-check with llama.cpp, then decode/prefill speed side by side.
+
+    python bench/codellama_gguf.py --llama-cpp SRC_DIR [--threads 1 2] [--types f32 bf16 f16 q8_0 q4_0]
+                                   [--simple PATH_TO_llama-simple]
+
+SRC_DIR is a built llama.cpp tree (bench/long_context.py --build-llama-cpp makes one from the
+llama-cpp-python sdist). Cross-check: the shipped default model exported by ``save_gguf`` (int8/int4
+written as their own codes) runs in llama.cpp's ``llama-simple`` and in ours from the same file, greedy;
+and a file from llama.cpp's own ``convert_hf_to_gguf.py`` loads here with the source model's logits.
+Speed: a random 134M Llama (issue 16's table), ``llama-bench -p 512 -n 128`` against our Generator on
+the same GGUF file, same threads. llama.cpp runs with ``--repack 0`` when its repacked (AMX/AVX-512)
+kernels crash on this CPU, which the script detects and says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dinollama.codellama import (Generator, ModelArgs, SamplingParams, Tokenizer, build, load, quantize, save_gguf,
+                                 save_hf)
+from dinollama.codellama.checkpoint import default_model_dir
+from dinollama.nn.kernels import cpu_kernels
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ModelArgs(dim=768, n_layers=12, n_heads=12, vocab_size=32016, multiple_of=256, rope_theta=1e6, max_seq_len=2048)
+SCHEME = {"q8_0": "int8", "q4_0": "int4"}
+OURS = """
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[3]))
+from dinollama.codellama import Generator, SamplingParams, load, optimize_for_inference
+dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}.get(sys.argv[2], torch.bfloat16)
+model, _ = load(sys.argv[1], dtype=dtype)
+optimize_for_inference(model)
+gen = Generator(model, None)
+prompt = torch.randint(3, 32000, (512,), generator=torch.Generator().manual_seed(0)).tolist()
+p = SamplingParams(max_gen_len=128)
+with torch.inference_mode():
+    gen.generate([prompt[:8]], SamplingParams(max_gen_len=8), stop_token=-100)
+    model.setup_cache(1, 640)
+    t = time.perf_counter(); model(torch.tensor([prompt]), 0, last_only=True); pp = 512 / (time.perf_counter() - t)
+    t = time.perf_counter(); gen.generate([prompt[:1]], p, stop_token=-100); tg = 128 / (time.perf_counter() - t)
+print(json.dumps({"pp512": pp, "tg128": tg}))
+"""
+
+
+def cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
+def llama_bench(exe: Path, gguf: Path, threads: int) -> tuple[dict, bool]:
+    """pp512/tg128 tok/s; retried with ``--repack 0`` if the default run crashes."""
+    for repack in ("1", "0"):
+        r = subprocess.run([str(exe), "-m", str(gguf), "-p", "512", "-n", "128", "-t", str(threads), "-r", "2",
+                            "--repack", repack, "-o", "json"], capture_output=True, text=True)
+        if r.returncode == 0:
+            rows = json.loads(r.stdout)
+            return {("pp512" if row["n_prompt"] else "tg128"): row["avg_ts"] for row in rows}, repack == "0"
+    raise RuntimeError(f"llama-bench failed on {gguf}: {r.stderr[-1500:]}")
+
+
+def ours(gguf: Path, qtype: str, threads: int) -> dict:
+    r = subprocess.run([sys.executable, "-c", OURS, str(gguf), qtype, str(threads)], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if r.returncode:
+        raise RuntimeError(r.stderr[-2000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def simple_text(exe: Path, gguf: Path, prompt: str, n: int) -> str:
+    r = subprocess.run([str(exe), "-m", str(gguf), "-n", str(n), prompt], capture_output=True, text=True)
+    return r.stdout.removeprefix("<s>").strip() if r.returncode == 0 else f"<llama-simple exit {r.returncode}>"
+
+
+def crosscheck(src: Path, simple: Path, tmp: Path) -> None:
+    model, tok = load("default", dtype=torch.float32)
+    prompt, n = "def add(a, b):\n    return", 24
+    for qtype in ("f32", "f16", "q8_0", "q4_0"):
+        m, _ = load("default", dtype=torch.float32)
+        if qtype in SCHEME:
+            quantize(m, SCHEME[qtype], group_size=32, head=True)
+        path = save_gguf(m, tok, tmp / f"default-{qtype}.gguf", qtype)
+        again, tok2 = load(path, dtype=torch.float32)
+        out, _ = Generator(again, tok2).generate([tok2.encode(prompt, True, False)], SamplingParams(max_gen_len=n),
+                                                  stop_token=-100)
+        mine = (prompt + tok2.decode(out[0])).strip()
+        theirs = simple_text(simple, path, prompt, n)
+        print(f"save_gguf {qtype:<5} greedy {n} tokens: llama.cpp {'==' if theirs == mine else '!='} ours"
+              + ("" if theirs == mine else f"\n  ours:      {mine!r}\n  llama.cpp: {theirs!r}"), flush=True)
+    hf = save_hf(model, tmp / "hf", tok)
+    env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}
+    theirs = tmp / "converted.gguf"
+    subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf), "--outfile", str(theirs),
+                    "--outtype", "f32"], check=True, capture_output=True, env=env)
+    again, _ = load(theirs)
+    ids = torch.tensor([tok.encode(prompt, True, False)])
+    with torch.inference_mode():
+        diff = (again(ids, 0) - model(ids, 0)).abs().max().item()
+    print(f"llama.cpp's convert_hf_to_gguf (f32) loaded here: max |logit diff| vs the source model {diff:.2e}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp source tree with build/bin")
+    p.add_argument("--simple", type=Path, help="llama-simple to cross-check with (default: build/bin/llama-simple)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--types", nargs="+", default=["f32", "bf16", "f16", "q8_0", "q4_0"])
+    args = p.parse_args()
+    exe = args.llama_cpp / "build" / "bin" / "llama-bench"
+    print(f"{cpu_name()}; {cpu_kernels().describe()}; torch {torch.__version__}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        crosscheck(args.llama_cpp, args.simple or exe.with_name("llama-simple"), tmp)
+        torch.manual_seed(0)
+        model = build(CONFIG).eval()
+        tok = Tokenizer(ROOT / "tests" / "data" / "codellama_tokenizer.model")
+        print(f"\nrandom {sum(t.numel() for t in model.parameters()) / 1e6:.0f}M Llama, batch 1; tok/s "
+              "(pp512: prefill of 512 tokens, tg128: 128 greedy tokens)")
+        print(f"{'type':<6}{'threads':>8}{'llama.cpp pp':>14}{'ours pp':>9}{'ratio':>7}{'llama.cpp tg':>14}{'ours tg':>9}"
+              f"{'ratio':>7}  note")
+        for qtype in args.types:
+            m = build(CONFIG).eval()
+            m.load_state_dict(model.state_dict())
+            if qtype in SCHEME:
+                quantize(m, SCHEME[qtype], group_size=32, head=True)
+            path = save_gguf(m, tok, tmp / f"m-{qtype}.gguf", qtype)
+            for t in args.threads:
+                ref, norepack = llama_bench(exe, path, t)
+                got = ours(path, qtype, t)
+                note = "llama.cpp --repack 0 (its repacked kernels crash here)" if norepack else ""
+                print(f"{qtype:<6}{t:>8}{ref['pp512']:>14.1f}{got['pp512']:>9.1f}{got['pp512'] / ref['pp512']:>6.2f}x"
+                      f"{ref['tg128']:>14.1f}{got['tg128']:>9.1f}{got['tg128'] / ref['tg128']:>6.2f}x  {note}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
