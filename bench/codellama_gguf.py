@@ -1,11 +1,11 @@
 """Code Llama on GGUF files: a cross-check with llama.cpp, then decode/prefill speed side by side.
 
     python bench/codellama_gguf.py --llama-cpp SRC_DIR [--threads 1 2] [--types f32 bf16 f16 q8_0 q4_0]
-                                   [--simple PATH_TO_llama-simple]
+                                   [--completion PATH_TO_llama-completion]
 
 SRC_DIR is a built llama.cpp tree (bench/long_context.py --build-llama-cpp makes one from the
 llama-cpp-python sdist). Cross-check: the shipped default model exported by ``save_gguf`` (int8/int4
-written as their own codes) runs in llama.cpp's ``llama-simple`` and in ours from the same file, greedy;
+written as their own codes) runs in llama.cpp's ``llama-completion`` and in ours from the same file, greedy;
 and a file from llama.cpp's own ``convert_hf_to_gguf.py`` loads here with the source model's logits.
 Speed: a random 134M Llama (issue 16's table), ``llama-bench -p 512 -n 128`` against our Generator on
 the same GGUF file, same threads. llama.cpp runs with ``--repack 0`` when its repacked (AMX/AVX-512)
@@ -77,12 +77,17 @@ def ours(gguf: Path, qtype: str, threads: int) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def simple_text(exe: Path, gguf: Path, prompt: str, n: int) -> str:
-    r = subprocess.run([str(exe), "-m", str(gguf), "-n", str(n), prompt], capture_output=True, text=True)
-    return r.stdout.removeprefix("<s>").strip() if r.returncode == 0 else f"<llama-simple exit {r.returncode}>"
+def completion_text(exe: Path, gguf: Path, prompt: str, n: int) -> str:
+    """llama.cpp's greedy continuation (``llama-completion --temp 0``, extra buffer types off: ``-nr``)."""
+    r = subprocess.run([str(exe), "-m", str(gguf), "-p", prompt, "-n", str(n), "--temp", "0", "-nr",
+                        "--no-display-prompt", "-no-cnv"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if r.returncode:  # older builds have no -no-cnv
+        r = subprocess.run([str(exe), "-m", str(gguf), "-p", prompt, "-n", str(n), "--temp", "0", "-nr",
+                            "--no-display-prompt"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    return (prompt + r.stdout).strip() if r.returncode == 0 else f"<llama-completion exit {r.returncode}>"
 
 
-def crosscheck(src: Path, simple: Path, tmp: Path) -> None:
+def crosscheck(src: Path, completion: Path, tmp: Path) -> None:
     model, tok = load("default", dtype=torch.float32)
     prompt, n = "def add(a, b):\n    return", 24
     for qtype in ("f32", "f16", "q8_0", "q4_0"):
@@ -91,10 +96,10 @@ def crosscheck(src: Path, simple: Path, tmp: Path) -> None:
             quantize(m, SCHEME[qtype], group_size=32, head=True)
         path = save_gguf(m, tok, tmp / f"default-{qtype}.gguf", qtype)
         again, tok2 = load(path, dtype=torch.float32)
-        out, _ = Generator(again, tok2).generate([tok2.encode(prompt, True, False)], SamplingParams(max_gen_len=n),
-                                                  stop_token=-100)
-        mine = (prompt + tok2.decode(out[0])).strip()
-        theirs = simple_text(simple, path, prompt, n)
+        ids = tok2.encode(prompt, True, False)
+        out, _ = Generator(again, tok2).generate([ids], SamplingParams(max_gen_len=n), stop_token=tok2.eos_id)
+        mine = tok2.decode(ids + out[0]).strip()
+        theirs = completion_text(completion, path, prompt, n)
         print(f"save_gguf {qtype:<5} greedy {n} tokens: llama.cpp {'==' if theirs == mine else '!='} ours"
               + ("" if theirs == mine else f"\n  ours:      {mine!r}\n  llama.cpp: {theirs!r}"), flush=True)
     hf = save_hf(model, tmp / "hf", tok)
@@ -112,7 +117,7 @@ def crosscheck(src: Path, simple: Path, tmp: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp source tree with build/bin")
-    p.add_argument("--simple", type=Path, help="llama-simple to cross-check with (default: build/bin/llama-simple)")
+    p.add_argument("--completion", type=Path, help="llama-completion (default: build/bin/llama-completion)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--types", nargs="+", default=["f32", "bf16", "f16", "q8_0", "q4_0"])
     args = p.parse_args()
@@ -120,7 +125,7 @@ def main() -> None:
     print(f"{cpu_name()}; {cpu_kernels().describe()}; torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        crosscheck(args.llama_cpp, args.simple or exe.with_name("llama-simple"), tmp)
+        crosscheck(args.llama_cpp, args.completion or exe.with_name("llama-completion"), tmp)
         torch.manual_seed(0)
         model = build(CONFIG).eval()
         tok = Tokenizer(ROOT / "tests" / "data" / "codellama_tokenizer.model")
