@@ -8,17 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .options import (
-    add_device_arg,
-    add_dtype_arg,
-    nonneg_float,
-    nonneg_int,
-    positive_float,
-    positive_int,
-    resolve_dtype,
-    writable_file,
-    writable_folder,
-)
+from .options import (add_device_arg, add_dtype_arg, nonneg_float, nonneg_int, positive_float, positive_int,
+                      resolve_dtype, writable_file, writable_folder)
 
 FILL_MARKER = "<FILL_ME>"
 KV_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "fp16": torch.float16,

@@ -4,16 +4,8 @@ from __future__ import annotations
 
 import json
 
-from .options import (
-    add_device_arg,
-    add_dtype_arg,
-    nonneg_float,
-    nonneg_int,
-    positive_float,
-    positive_int,
-    unit_interval,
-    writable_file,
-)
+from .options import (add_device_arg, add_dtype_arg, nonneg_float, nonneg_int, positive_float, positive_int,
+                      unit_interval, writable_file)
 
 
 def _tasks(args) -> list:
