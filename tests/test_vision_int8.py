@@ -10,6 +10,7 @@ from dinollama.data.mnist import load_fashion_mnist
 from dinollama.dinov2 import build, load, optimize_for_inference
 from dinollama.dinov2.train.monitor import embed_source
 from dinollama.dinov2.eval import knn_predict
+from dinollama.nn import kernels
 from dinollama.nn.fast import Int8Linear
 
 
@@ -20,14 +21,25 @@ def test_int8_linear_equals_the_dequantized_product(shape):
     lin, gamma = torch.nn.Linear(k, n), torch.rand(n) + 0.5
     x, res = torch.randn(b, t, k), torch.randn(b, t, n)
     q = Int8Linear(lin, scale=gamma)
-    w = q.weight.t().float() * q.weight_scale[:, None]  # what the int8 weights stand for
+    w = q.weight.t().float() * q.weight_scale[:, None] if q.exact_int8 else q.weight  # what the int8 weights stand for
     xs = x.abs().amax(-1, keepdim=True) / 127
-    xq = (x / xs).round() * xs
+    xq = (x / xs).round() * xs if q.exact_int8 else x  # activations are int8 only on the int8 kernel
     ref = res + F.linear(xq, w, q.bias)
     torch.testing.assert_close(q(x, residual=res), ref, atol=1e-4, rtol=1e-4)
     plain = res + gamma * lin(x)
     assert (q(x, residual=res) - plain).abs().max() < 0.05 * plain.abs().max()  # int8 rounding only
     torch.testing.assert_close(Int8Linear(lin, activation="gelu")(x), F.gelu(Int8Linear(lin)(x)))
+
+
+def test_int8_matmul_probe_matches_the_kernel(monkeypatch):
+    """The probe decides the kernel: exact products where it says so; the fallback when forced."""
+    a = torch.full((17, 64), 127, dtype=torch.int8)
+    b = torch.full((64, 8), -127, dtype=torch.int8)
+    if kernels.cpu_kernels().int8_matmul:
+        assert torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long())
+    monkeypatch.setenv(kernels.ENV, "generic")
+    q = Int8Linear(torch.nn.Linear(64, 8))
+    assert not q.exact_int8 and q.weight.dtype == torch.float32
 
 
 def test_int8_vit_is_close_to_fp32():

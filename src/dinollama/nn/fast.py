@@ -125,6 +125,8 @@ class Int8Linear(nn.Module):
     activations quantized per row (token) at run time, int32 products by ``torch._int_mm`` (oneDNN,
     with VNNI/AMX-INT8 where the CPU has them). Same interface as :class:`PackedLinear`: a LayerScale
     ``scale`` is folded in before quantizing, ``activation="gelu"`` and ``residual`` are applied after.
+    Where ``torch._int_mm`` is not exact (AVX2 without VNNI saturates; see ``cpu_kernels().int8_matmul``)
+    the int8 weights are expanded once to float32 and the product is a plain ``F.linear``.
     """
 
     def __init__(self, linear: nn.Linear, scale: Tensor | None = None, activation: Literal["none", "gelu"] = "none") -> None:
@@ -139,8 +141,16 @@ class Int8Linear(nn.Module):
                              persistent=False)  # (in, out): _int_mm's layout
         self.register_buffer("weight_scale", w_scale, persistent=False)
         self.register_buffer("bias", b, persistent=False)
+        self.exact_int8 = cpu_kernels().int8_matmul
+        if not self.exact_int8:
+            notice("torch's int8 matmul is not exact on this CPU (no VNNI): int8 weights run as float32 products")
+            self.weight = (self.weight.t().float() * w_scale[:, None]).contiguous()  # (out, in), the same values
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if not self.exact_int8:
+            y = F.linear(x.float(), self.weight, self.bias)
+            y = F.gelu(y) if self.activation == "gelu" else y
+            return y if residual is None else residual + y
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
         x_scale = (x2.abs().amax(1, keepdim=True) / 127.0).clamp_min(1e-12)

@@ -35,6 +35,7 @@ class CpuKernels:
     onednn: bool  # pre-packed oneDNN linears (fp32 on every x86 CPU oneDNN supports)
     native_bf16: bool  # bf16 products in hardware: packed bf16 linears, bf16 as the auto dtype
     native_fp16: bool
+    int8_matmul: bool  # torch._int_mm exact here (without VNNI, oneDNN's AVX2 int8 path saturates int16 sums)
 
     def can_pack(self, dtype: torch.dtype) -> bool:
         """Whether a oneDNN packed linear of ``dtype`` runs here."""
@@ -46,8 +47,8 @@ class CpuKernels:
     def describe(self) -> str:
         forced = f" (forced by {ENV}={self.mode})" if self.mode != "auto" else ""
         return (f"cpu kernels: ATen {self.capability}, oneDNN packing {'on' if self.onednn else 'off'}, "
-                f"native bf16 {'yes' if self.native_bf16 else 'no'}, native fp16 {'yes' if self.native_fp16 else 'no'}"
-                f"{forced}")
+                f"native bf16 {'yes' if self.native_bf16 else 'no'}, native fp16 {'yes' if self.native_fp16 else 'no'}, "
+                f"int8 matmul {'yes' if self.int8_matmul else 'no'}{forced}")
 
 
 def _flags() -> dict:
@@ -81,12 +82,30 @@ def _detect(mode: str) -> CpuKernels:
         bf16 = any(flags.get(f) for f in _BF16_FLAGS) and _mkldnn_check("_is_mkldnn_bf16_supported")
         fp16 = any(flags.get(f) for f in _FP16_FLAGS) and _mkldnn_check("_is_mkldnn_fp16_supported")
         capability = torch.backends.cpu.get_cpu_capability()
+        int8 = mode == "auto" and _int_mm_is_exact()
         if mode != "auto":
             bf16 = fp16 = False
             onednn = onednn and mode == "avx2"
             capability = f"{capability}->AVX2" if mode == "avx2" and capability.startswith("AVX512") else capability
-        _CACHE[mode] = CpuKernels(mode, capability, onednn, bf16, fp16)
+        _CACHE[mode] = CpuKernels(mode, capability, onednn, bf16, fp16, int8)
     return _CACHE[mode]
+
+
+def _int_mm_is_exact() -> bool:
+    """Probe ``torch._int_mm`` with the products that overflow a 16-bit pairwise sum (127 x 127 with the
+    sign trick of AVX2's ``vpmaddubsw``): a CPU whose kernel saturates gets the float fallback instead."""
+    if not hasattr(torch, "_int_mm"):
+        return False
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randint(0, 2, (32, 64), generator=g) * 254 - 127).to(torch.int8)
+    b = (torch.randint(0, 2, (64, 32), generator=g) * 254 - 127).to(torch.int8)
+    b[:, 0] = 127
+    a[0] = 127
+    try:
+        got = torch._int_mm(a, b)
+    except RuntimeError:
+        return False
+    return bool(torch.equal(got.long(), a.long() @ b.long()))
 
 
 def native_dtype_support(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
