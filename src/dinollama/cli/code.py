@@ -48,19 +48,13 @@ def sampling_params(args):
 def load_generator(args):
     """Model + tokenizer of ``--model`` at ``--dtype``, packed for the CPU when the CPU allows."""
     from ..codellama import Generator, load, optimize_for_inference
-    from ..codellama.kvcache import check_fits, plan_memory
-
     model, tokenizer = load(args.model, dtype=resolve_dtype(args.dtype, args.device), device=args.device)
     if tokenizer is None:
         raise FileNotFoundError(f"{args.model}/tokenizer.model: the model folder needs its tokenizer")
     if args.ctx:
         model.set_context(args.ctx)
-    weight = model.tok_embeddings.weight
-    kv = KV_DTYPES.get(args.kv_dtype, weight.dtype)
-    n = model.params.max_seq_len
-    resident = sum(t.nbytes for t in model.parameters())
-    check_fits(plan_memory(model.params, 1, n, weight.dtype, kv, n_params=resident // weight.element_size()),
-               weight.device, n, kv, resident=resident)  # the whole context, before any cache exists
+    kv = KV_DTYPES.get(args.kv_dtype, model.tok_embeddings.weight.dtype)
+    model.check_memory(1, model.params.max_seq_len, kv)  # the whole context, before any cache exists
     optimize_for_inference(model)
     return Generator(model, tokenizer, kv_dtype=kv)
 

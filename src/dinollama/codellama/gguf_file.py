@@ -185,7 +185,7 @@ def _q4_0(codes: Tensor, d: Tensor) -> np.ndarray:
     return blocks.reshape(out_f, -1)
 
 
-def _tensor_payload(gguf, module_or_tensor, qtype: str, name: str):
+def _tensor_payload(gguf, module_or_tensor, qtype: str):
     """``(array, raw_dtype)`` of one tensor for ``qtype``; norms stay float32 as llama.cpp expects."""
     Q = gguf.GGMLQuantizationType
     if isinstance(module_or_tensor, QuantLinear):
@@ -265,7 +265,7 @@ def save_gguf(model: Transformer, tokenizer: Tokenizer | None, path: str | os.Pa
     entries += [(f"{names['norm']}.weight", model.norm.weight),
                 (f"{names['output']}.weight", model.output if isinstance(model.output, QuantLinear) else model.output.weight)]
     for name, item in entries:
-        arr, raw = _tensor_payload(gguf, item, qtype, name)
+        arr, raw = _tensor_payload(gguf, item, qtype)
         writer.add_tensor(name, arr, raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

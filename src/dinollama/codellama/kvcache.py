@@ -169,18 +169,19 @@ def check_fits(plan: MemoryPlan, device: torch.device, ctx: int, kv_dtype: torch
 
 
 def plan_memory(args, batch: int, ctx: int, weight_dtype: torch.dtype, kv_dtype: torch.dtype,
-                chunk: int = 2048, n_params: int | None = None) -> MemoryPlan:
+                chunk: int = 2048, weight_bytes: int | None = None) -> MemoryPlan:
     """What a generation of ``batch`` x ``ctx`` tokens needs with ``args`` (a ``ModelArgs``): the
-    weights, the cache, and one prefill chunk's activations in float32 (residual, norms, q/k/v, the
-    SwiGLU hidden states, one dequantized block of the cache, last-position logits)."""
-    if n_params is None:
-        hd, kv, layer = args.head_dim, args.kv_heads, 0
-        layer = args.dim * hd * (2 * args.n_heads + 2 * kv) + 3 * args.dim * args.ffn_hidden + 2 * args.dim
-        n_params = args.n_layers * layer + 2 * args.vocab_size * args.dim + args.dim
-    weights = n_params * torch.empty(0, dtype=weight_dtype).element_size()
+    weights (``weight_bytes``, else counted from ``args`` in ``weight_dtype``), the cache, and one
+    prefill chunk's activations in float32 (residual, norms, q/k/v, the SwiGLU hidden states, one
+    dequantized block of the cache, last-position logits)."""
+    if weight_bytes is None:
+        layer = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.kv_heads) + 3 * args.dim * args.ffn_hidden
+        n_params = args.n_layers * (layer + 2 * args.dim) + 2 * args.vocab_size * args.dim + args.dim
+        weight_bytes = n_params * torch.empty(0, dtype=weight_dtype).element_size()
     rows = batch * min(chunk, ctx)
     activations = rows * (6 * args.dim + 3 * args.ffn_hidden + (args.n_heads + 2 * args.kv_heads) * args.head_dim) * 4
     block = 2 * batch * args.kv_heads * args.head_dim * min(BLOCK, ctx) * 4 if kv_dtype in QUANTIZED else 0
     freqs = ctx * args.head_dim * 4  # complex64 rotations, head_dim / 2 per position
     workspace = activations + block + freqs + batch * args.vocab_size * 4
-    return MemoryPlan(weights, kv_cache_bytes(args.n_layers, args.kv_heads, args.head_dim, batch, ctx, kv_dtype), workspace)
+    return MemoryPlan(weight_bytes, kv_cache_bytes(args.n_layers, args.kv_heads, args.head_dim, batch, ctx, kv_dtype),
+                      workspace)

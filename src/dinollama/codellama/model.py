@@ -174,15 +174,21 @@ class Transformer(nn.Module):
         weight = self.tok_embeddings.weight
         dtype = dtype or weight.dtype
         self.clear_cache()  # the old cache's memory is free for the new one
-        resident = sum(p.nbytes for p in self.parameters()) + sum(b.nbytes for b in self.buffers())
-        plan = plan_memory(self.params, max_batch, max_seq_len, weight.dtype, dtype, n_params=resident // weight.element_size())
-        check_fits(plan, weight.device, max_seq_len, dtype, resident=plan.weights)
+        self.check_memory(max_batch, max_seq_len, dtype)
         for layer in self.layers:
             attn = layer.attention
             attn.cache = KVCache(max_batch, max_seq_len, attn.n_kv, attn.head_dim, dtype, weight.device)
         if self.freqs_cis.shape[0] < max_seq_len:
             self.freqs_cis = self._freqs(max_seq_len).to(weight.device)
         self.max_batch, self.cache_len = max_batch, max_seq_len
+
+    def check_memory(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+        """``MemoryError`` with the numbers and the options when a cache of this size would not fit next
+        to the loaded weights (and any cache already held)."""
+        weight = self.tok_embeddings.weight
+        resident = sum(p.nbytes for p in self.parameters()) + sum(b.nbytes for b in self.buffers())
+        plan = plan_memory(self.params, max_batch, max_seq_len, weight.dtype, dtype or weight.dtype, weight_bytes=resident)
+        check_fits(plan, weight.device, max_seq_len, dtype or weight.dtype, resident=resident)
 
     def set_context(self, max_seq_len: int) -> Transformer:
         """Serve up to ``max_seq_len`` tokens (the CLI's ``--ctx``), refusing more than :func:`max_context`;

@@ -177,7 +177,7 @@ def cat_quant(linears: list[QuantLinear]) -> QuantLinear:
 
 
 def _modules(model: nn.Module, head: bool):
-    for i, layer in enumerate(model.layers):
+    for layer in model.layers:
         for name in LINEARS:
             parent, attr = name.split(".")
             yield getattr(layer, parent), attr
