@@ -38,27 +38,37 @@ class KVCache(nn.Module):
     def nbytes(self) -> int:
         return sum(b.nbytes for b in (self.k, self.v, self.k_scale, self.v_scale))
 
-    def _store(self, data: Tensor, scale: Tensor, start: int, x: Tensor) -> None:
-        b, _, t, _ = x.shape
-        if not self.quantized:
-            data[:b, :, start : start + t] = x
-            return
-        s = (x.abs().amax(-1, keepdim=True).float() / QUANTIZED[data.dtype]).clamp_min(1e-8).to(scale.dtype)
+    def _quantize(self, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        s = (x.abs().amax(-1, keepdim=True).float() / QUANTIZED[dtype]).clamp_min(1e-8).to(torch.float16)
         q = x.float() / s.float()
-        q = q.round().clamp(-127, 127) if data.dtype == torch.int8 else q
-        data[:b, :, start : start + t] = q.to(data.dtype)
-        scale[:b, :, start : start + t] = s
+        return (q.round().clamp(-127, 127) if dtype == torch.int8 else q).to(dtype), s
 
-    def update(self, start: int, k: Tensor, v: Tensor) -> None:
-        self._store(self.k, self.k_scale, start, k)
-        self._store(self.v, self.v_scale, start, v)
+    def _store(self, data: Tensor, scale: Tensor, where: tuple, x: Tensor) -> None:
+        if not self.quantized:
+            data[where] = x
+            return
+        data[where], scale[where] = self._quantize(x, data.dtype)
 
-    def read(self, b: int, lo: int, hi: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Keys and values of positions ``lo..hi-1``: views of the cache, or dequantized copies."""
-        k, v = self.k[:b, :, lo:hi], self.v[:b, :, lo:hi]
+    def update(self, start: int, k: Tensor, v: Tensor, row: int = 0) -> None:
+        """Write ``t`` positions from ``start`` of rows ``row..row+B-1``."""
+        where = (slice(row, row + k.shape[0]), slice(None), slice(start, start + k.shape[2]))
+        self._store(self.k, self.k_scale, where, k)
+        self._store(self.v, self.v_scale, where, v)
+
+    def update_at(self, positions: Tensor, k: Tensor, v: Tensor) -> None:
+        """Write one position per row, row ``i`` at ``positions[i]`` (continuous batching)."""
+        where = (torch.arange(k.shape[0], device=positions.device), slice(None), positions)
+        self._store(self.k, self.k_scale, where, k[:, :, 0])
+        self._store(self.v, self.v_scale, where, v[:, :, 0])
+
+    def read(self, b: int, lo: int, hi: int, dtype: torch.dtype, row: int = 0) -> tuple[Tensor, Tensor]:
+        """Keys and values of positions ``lo..hi-1`` of rows ``row..row+b-1``: views of the cache, or
+        dequantized copies."""
+        rows = slice(row, row + b)
+        k, v = self.k[rows, :, lo:hi], self.v[rows, :, lo:hi]
         if not self.quantized:
             return k, v
-        return (k.to(dtype) * self.k_scale[:b, :, lo:hi].to(dtype), v.to(dtype) * self.v_scale[:b, :, lo:hi].to(dtype))
+        return (k.to(dtype) * self.k_scale[rows, :, lo:hi].to(dtype), v.to(dtype) * self.v_scale[rows, :, lo:hi].to(dtype))
 
 
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[Tensor, Tensor]:
@@ -101,13 +111,13 @@ def _merge(acc: tuple[Tensor, Tensor] | None, part: tuple[Tensor, Tensor]) -> tu
     return (acc[0] * (w1 / total)[..., None] + out * (w2 / total)[..., None]), m + total.log()
 
 
-def cached_attention(q: Tensor, k_new: Tensor, v_new: Tensor, cache: KVCache, start: int) -> Tensor:
-    """Queries at ``start..start+t-1`` against the cached past (in blocks) and, causally, the chunk's
-    own keys ``k_new``/``v_new`` (given in full precision, also when the cache is quantized)."""
+def cached_attention(q: Tensor, k_new: Tensor, v_new: Tensor, cache: KVCache, start: int, row: int = 0) -> Tensor:
+    """Queries at ``start..start+t-1`` against the cached past of cache rows ``row..`` (in blocks) and,
+    causally, the chunk's own keys ``k_new``/``v_new`` (full precision, also when the cache is quantized)."""
     b = q.shape[0]
     acc = None
     for lo in range(0, start, BLOCK):
-        k, v = cache.read(b, lo, min(start, lo + BLOCK), q.dtype)
+        k, v = cache.read(b, lo, min(start, lo + BLOCK), q.dtype, row)
         acc = _merge(acc, _grouped(q, k, v, causal=False))
     acc = _merge(acc, _grouped(q, k_new, v_new, causal=True))
     return acc[0].to(q.dtype)

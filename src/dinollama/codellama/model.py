@@ -98,7 +98,8 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
         self.wqkv: nn.Module | None = None
 
-    def forward(self, x: Tensor, freqs_cis: Tensor, start_pos: int) -> Tensor:
+    def forward(self, x: Tensor, freqs_cis: Tensor, start_pos: int | Tensor, row: int = 0,
+                mask: Tensor | None = None) -> Tensor:
         b, t, _ = x.shape
         if self.wqkv is not None:  # fused by optimize_for_inference: one projection instead of three
             q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2, dim=-1)
@@ -109,24 +110,31 @@ class Attention(nn.Module):
         v = v.view(b, t, self.n_kv, self.head_dim)
         q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if isinstance(start_pos, Tensor):  # one token per row, each at its own position
+            self.cache.update_at(start_pos, k, v)
+            out = self._decode_attention(q, *self.cache.read(b, 0, mask.shape[-1], q.dtype), mask)
+            return self.wo(out.transpose(1, 2).reshape(b, t, -1))
         if self.cache is not None:
-            self.cache.update(start_pos, k, v)
+            self.cache.update(start_pos, k, v, row)
         if self.cache is not None and t == 1 and start_pos > 0 and not self.cache.quantized:
-            out = self._decode_attention(q, *self.cache.read(b, 0, start_pos + 1, q.dtype))  # views: no copy
+            out = self._decode_attention(q, *self.cache.read(b, 0, start_pos + 1, q.dtype, row))  # views: no copy
         elif self.cache is not None and start_pos > 0:  # a chunk after the cached past: fused kernels, no mask
-            out = cached_attention(q, k, v, self.cache, start_pos)
+            out = cached_attention(q, k, v, self.cache, start_pos, row)
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=self.n_kv != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
-    def _decode_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def _decode_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
         """One query per sequence: grouped matmuls against the cache, no K/V repetition for GQA.
 
-        Faster than the fused CPU kernels for a single query (2x in bf16), softmax in fp32.
+        Faster than the fused CPU kernels for a single query (2x in bf16), softmax in fp32. ``mask``
+        (``(B, 1, 1, L)``, -inf past each row's own position) serves rows at different positions.
         """
         b, h, _, d = q.shape
         qg = q.view(b, self.n_kv, h // self.n_kv, d)
         scores = (qg @ k.transpose(-1, -2)) * d**-0.5
+        if mask is not None:
+            scores = scores + mask
         return (scores.float().softmax(-1).to(v.dtype) @ v).view(b, h, 1, d)
 
 
@@ -138,8 +146,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x: Tensor, freqs_cis: Tensor, start_pos: int) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos)
+    def forward(self, x: Tensor, freqs_cis: Tensor, start_pos: int | Tensor, row: int = 0,
+                mask: Tensor | None = None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos, row, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -207,34 +216,48 @@ class Transformer(nn.Module):
             layer.attention.cache = None
         self.max_batch = self.cache_len = 0
 
-    def _hidden(self, tokens: Tensor, start_pos: int) -> Tensor:
+    def _hidden(self, tokens: Tensor, start_pos: int | Tensor, row: int = 0) -> Tensor:
         h = self.tok_embeddings(tokens)
         if self.freqs_cis.device != h.device:
             self.freqs_cis = self.freqs_cis.to(h.device)
-        freqs = self.freqs_cis[start_pos : start_pos + tokens.shape[1]]
+        mask = None
+        if isinstance(start_pos, Tensor):  # row i's one token at start_pos[i]
+            freqs = self.freqs_cis[start_pos][:, None]
+            keys = torch.arange(int(start_pos.max()) + 1, device=h.device)
+            mask = torch.zeros(keys.shape, device=h.device).masked_fill(keys > start_pos[:, None], float("-inf"))
+            mask = mask[:, None, None].to(h.dtype)
+        else:
+            freqs = self.freqs_cis[start_pos : start_pos + tokens.shape[1]]
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(layer, h, freqs, start_pos, use_reentrant=False)
             else:
-                h = layer(h, freqs, start_pos)
+                h = layer(h, freqs, start_pos, row, mask)
         return h
 
-    def forward(self, tokens: Tensor, start_pos: int = 0, *, train: bool = False, last_only: bool = False) -> Tensor:
+    def forward(self, tokens: Tensor, start_pos: int | Tensor = 0, *, train: bool = False, last_only: bool = False,
+                row: int = 0) -> Tensor:
         """Logits for ``tokens`` placed at ``start_pos`` of the cached sequence (float32, as the reference).
 
         Any chunk at any ``start_pos`` is exact (prefill a long prompt chunk by chunk); ``last_only``
         computes the logits of the last position only, so a long prefill never holds chunk x vocab
-        floats. ``train=True`` is ``forward_train`` through ``__call__``, so DDP/FSDP wrappers see the call.
+        floats. ``row`` places a batch at cache rows ``row..`` (a slot of the serving engine). A tensor
+        ``start_pos`` of shape ``(B,)`` decodes one token per cache row ``i`` at its own position
+        ``start_pos[i]`` (continuous batching). ``train=True`` is ``forward_train`` through
+        ``__call__``, so DDP/FSDP wrappers see the call.
         """
         if train:
             return self.forward_train(tokens)
         b, t = tokens.shape
-        if self.max_batch < b or start_pos + t > self.cache_len:
-            if start_pos:
+        if isinstance(start_pos, Tensor):
+            if t != 1 or start_pos.shape != (b,) or b > self.max_batch or int(start_pos.max()) >= self.cache_len:
+                raise ValueError("per-row positions take one token per row inside the KV cache; call setup_cache first")
+        elif self.max_batch < row + b or start_pos + t > self.cache_len:
+            if start_pos or row:
                 raise ValueError(f"no KV cache holds positions {start_pos}..{start_pos + t}; call setup_cache first")
             # An implicit cache covers the prompt and room to continue, not the whole context.
             self.setup_cache(b, min(self.params.max_seq_len, max(t, 2048)))
-        h = self._hidden(tokens, start_pos)
+        h = self._hidden(tokens, start_pos, row)
         return self.output(self.norm(h[:, -1:] if last_only else h)).float()
 
     def forward_train(self, tokens: Tensor) -> Tensor:
