@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .. import __version__
-from . import code, demo, evaluate, train, vision
+from . import code, demo, evaluate, serve, train, vision
 
 
 class Parser(argparse.ArgumentParser):
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.register(sub)
     train.register(sub)
     demo.register(sub)
+    serve.register(sub)
     _show_defaults(parser)
     return parser
 
