@@ -267,3 +267,44 @@ def test_a_full_queue_answers_503_with_retry_after():
         for t in threads:
             t.join()
         assert (503, "1") in results and (200, None) in results
+
+
+def test_sigterm_under_load_loses_nothing(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from helpers_serve import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "dinollama.cli.main", "serve", "--port", str(port), "--parallel", "2",
+                             "--ctx", "512", "--dtype", "fp32"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        ready = proc.stdout.readline()
+        while "ready at" not in ready:
+            assert ready, "the server exited before it was ready"
+            ready = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}" in ready
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        results = []
+
+        def ask(prompt):
+            req = urllib.request.Request(url, data=json.dumps({"prompt": prompt, "max_tokens": 80,
+                                                               "temperature": 0}).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                results.append((r.status, json.loads(r.read())["usage"]["completion_tokens"]))
+
+        threads = [threading.Thread(target=ask, args=(p,)) for p in PROMPTS]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join()
+        assert proc.wait(timeout=60) == 0
+        assert len(results) == 4 and all(status == 200 and n > 0 for status, n in results)
+    finally:
+        proc.kill()
+        proc.stdout.close()

@@ -28,6 +28,8 @@ class SamplingParams:
         _check_int("top_k", self.top_k, low=0, note=" (0 = no top-k cut)")
         if self.seed is not None:
             _check_int("seed", self.seed, low=0)
+            if self.seed >= 2**63:
+                raise ValueError(f"seed must be below 2**63, got {self.seed}")
         _check_float("temperature", self.temperature, 0.0, None, "0 (greedy) or more")
         _check_float("top_p", self.top_p, 0.0, 1.0, "in (0, 1]")
         if self.top_p == 0.0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import threading
 import time
 from importlib import resources
@@ -155,6 +156,9 @@ def serve(config: ServeConfig) -> int:
             server.should_exit = True
 
     threading.Thread(target=announce, daemon=True).start()
+    # uvicorn drains on SIGTERM, restores the handler it found and raises the signal again: with a
+    # no-op handler there, a drained server exits 0 instead of dying of the signal
+    signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
     return 2 if state.load_error else 0
 

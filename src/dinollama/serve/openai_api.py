@@ -19,6 +19,7 @@ from .schemas import ChatRequest, CompletionRequest, EmbeddingRequest
 from .state import State, piece_text
 from .vision import BadImage, decode_data_url
 
+MAX_SEQUENCES = 16  # prompts x n of one request
 FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
 
 
@@ -89,6 +90,8 @@ def register(router: APIRouter, state: State) -> None:
     async def completions(body: CompletionRequest, http: HttpRequest):
         state.require_ready()
         prompts, texts, infill = [], [], []
+        if len(_prompts(body)) * body.n > MAX_SEQUENCES:
+            raise ApiError(400, f"{len(_prompts(body))} prompts x n={body.n} is over {MAX_SEQUENCES} sequences per request")
         for p in _prompts(body):
             if body.suffix is not None:
                 if not isinstance(p, str):
