@@ -99,8 +99,10 @@ class Engine:
     """Slots over one model's KV cache, stepped by one thread; :meth:`add` may be called from others."""
 
     def __init__(self, model: Transformer, slots: int = 1, ctx: int | None = None, kv_dtype: torch.dtype | None = None,
-                 prefill_chunk: int = 512) -> None:
-        self.model, self.slots, self.prefill_chunk = model, slots, prefill_chunk
+                 prefill_chunk: int = 512, decoding_chunk: int = 32) -> None:
+        """``prefill_chunk``: prompt tokens per step when nothing decodes; ``decoding_chunk``: per step while
+        other sequences decode, which bounds how much a newcomer's prefill delays their next token."""
+        self.model, self.slots, self.prefill_chunk, self.decoding_chunk = model, slots, prefill_chunk, decoding_chunk
         self.ctx = ctx or model.params.max_seq_len
         model.setup_cache(slots, self.ctx, kv_dtype)
         self.device = model.tok_embeddings.weight.device
@@ -155,9 +157,10 @@ class Engine:
                 self._finish(r, "cancelled", done)
         self._admit(done)
         prefill = next((r for r in self.active if r is not None and r.prefilling), None)
+        decoding = [r for r in self.active if r is not None and not r.prefilling]
         if prefill is not None:
-            self._prefill(prefill, done)
-        decoding = [r for r in self.active if r is not None and not r.prefilling and not r.finished and r is not prefill]
+            self._prefill(prefill, self.decoding_chunk if decoding else self.prefill_chunk, done)
+        decoding = [r for r in decoding if not r.finished]
         if decoding:
             self._decode(decoding, done)
         self.counters["steps"] += 1
@@ -180,9 +183,9 @@ class Engine:
                 self.active[slot] = req
                 self.counters["cached_tokens"] += reuse
 
-    def _prefill(self, req: Request, done: list[Request]) -> None:
+    def _prefill(self, req: Request, chunk: int, done: list[Request]) -> None:
         lo = req.filled
-        hi = min(len(req.prompt), lo + self.prefill_chunk)
+        hi = min(len(req.prompt), lo + chunk)
         chunk = torch.tensor([req.prompt[lo:hi]], device=self.device)
         logits = self.model(chunk, lo, row=req.slot, last_only=not req.prompt_logprobs)[0]
         if req.prompt_logprobs:
