@@ -122,7 +122,7 @@ def load_test(port: int, streams: int, n_requests: int, n_tokens: int, prompt_le
     ok = [r for r in results if r["ok"]]
     ttft = [r["events"][0][0] for r in ok if r["events"]]
     itl = [(b[0] - a[0]) / b[1] for r in ok for a, b in zip(r["events"], r["events"][1:])]
-    pct = lambda xs, q: statistics.quantiles(xs, n=100)[q - 1] if len(xs) >= 2 else (xs[0] if xs else float("nan"))  # noqa: E731
+    pct = lambda xs, q: statistics.quantiles(xs, n=100)[q - 1] if len(xs) >= 2 else (xs[0] if xs else float("nan"))
     return {"tok_s": sum(r["tokens"] for r in ok) / wall, "failed": len(results) - len(ok) + n_requests - len(results),
             "ttft50": pct(ttft, 50), "ttft99": pct(ttft, 99), "itl50": pct(itl, 50), "itl99": pct(itl, 99)}
 

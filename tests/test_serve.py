@@ -15,11 +15,11 @@ import numpy as np
 import openai
 import pytest
 import torch
+from helpers_serve import LiveServer, sse_events
 from PIL import Image
 
 import dinollama.codellama as cl
 import dinollama.dinov2 as d2
-from helpers_serve import LiveServer, sse_events
 
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\n\nclass Config:\n    def __init__(self", "for i in range(",
            "# read a json file and print every key\n" * 3]

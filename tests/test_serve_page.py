@@ -6,9 +6,8 @@ import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from helpers_serve import LiveServer
+from PIL import Image
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)")

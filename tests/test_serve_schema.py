@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
-
 from helpers_serve import LiveServer
+from hypothesis import HealthCheck, given, settings
 
 
 @pytest.fixture(scope="module")

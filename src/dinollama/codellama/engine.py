@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .sampling import SamplingParams, sample
 from .model import Transformer
+from .sampling import SamplingParams, sample
 
 _REPLACEMENT = "\ufffd"  # what a token that ends inside a UTF-8 character decodes to
 
@@ -99,10 +99,8 @@ class Engine:
     """Slots over one model's KV cache, stepped by one thread; :meth:`add` may be called from others."""
 
     def __init__(self, model: Transformer, slots: int = 1, ctx: int | None = None, kv_dtype: torch.dtype | None = None,
-                 prefill_chunk: int = 512, decoding_chunk: int = 32) -> None:
-        """``prefill_chunk``: prompt tokens per step when nothing decodes; ``decoding_chunk``: per step while
-        other sequences decode, which bounds how much a newcomer's prefill delays their next token."""
-        self.model, self.slots, self.prefill_chunk, self.decoding_chunk = model, slots, prefill_chunk, decoding_chunk
+                 prefill_chunk: int = 512) -> None:
+        self.model, self.slots, self.prefill_chunk = model, slots, prefill_chunk
         self.ctx = ctx or model.params.max_seq_len
         model.setup_cache(slots, self.ctx, kv_dtype)
         self.device = model.tok_embeddings.weight.device
@@ -159,7 +157,7 @@ class Engine:
         prefill = next((r for r in self.active if r is not None and r.prefilling), None)
         decoding = [r for r in self.active if r is not None and not r.prefilling]
         if prefill is not None:
-            self._prefill(prefill, self.decoding_chunk if decoding else self.prefill_chunk, done)
+            self._prefill(prefill, done)
         decoding = [r for r in decoding if not r.finished]
         if decoding:
             self._decode(decoding, done)
@@ -183,9 +181,9 @@ class Engine:
                 self.active[slot] = req
                 self.counters["cached_tokens"] += reuse
 
-    def _prefill(self, req: Request, chunk: int, done: list[Request]) -> None:
+    def _prefill(self, req: Request, done: list[Request]) -> None:
         lo = req.filled
-        hi = min(len(req.prompt), lo + chunk)
+        hi = min(len(req.prompt), lo + self.prefill_chunk)
         chunk = torch.tensor([req.prompt[lo:hi]], device=self.device)
         logits = self.model(chunk, lo, row=req.slot, last_only=not req.prompt_logprobs)[0]
         if req.prompt_logprobs:

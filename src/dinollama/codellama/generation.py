@@ -44,7 +44,7 @@ class Generator:
     def engine(self, prompts: list[list[int]], p: SamplingParams) -> Engine:
         """An engine with a slot per prompt and a cache just long enough for them."""
         return Engine(self.model, len(prompts), self.check_length(prompts, p.max_gen_len), self.kv_dtype,
-                      self.prefill_chunk, decoding_chunk=self.prefill_chunk)  # throughput first: whole chunks
+                      self.prefill_chunk)
 
     def requests(self, prompts: list[list[int]], p: SamplingParams, stop_token: int | None = None,
                  infilling: bool = False) -> list[Request]:

@@ -19,7 +19,7 @@ from .worker import Busy, EngineWorker, Progress
 
 POLL_S = 0.25  # how often a waiting request checks that its client is still there
 # continue.dev's and Tabby's Code Llama template, sent as a plain prompt: "<PRE> {prefix} <SUF>{suffix} <MID>"
-FIM_TEMPLATE = re.compile(r"<PRE> (?P<prefix>.*) <SUF>(?P<suffix>.*) <MID>", re.S)
+FIM_TEMPLATE = re.compile(r"<PRE> (?P<prefix>.*) <SUF>(?P<suffix>.*) <MID>", re.DOTALL)
 
 
 @dataclass
@@ -39,7 +39,6 @@ class ServeConfig:
     max_body_mb: float = 20.0
     max_images: int = 16
     prefill_chunk: int = 512
-    interleave_chunk: int = 32
 
 
 @dataclass

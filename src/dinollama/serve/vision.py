@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 from ..data.images import to_rgb
 
 MAX_PIXELS = 50_000_000  # above this an image is refused as a decompression bomb
-_DATA_URL = re.compile(r"data:image/[\w.+-]+;base64,(?P<data>.*)", re.S)
+_DATA_URL = re.compile(r"data:image/[\w.+-]+;base64,(?P<data>.*)", re.DOTALL)
 
 
 class BadImage(ValueError):

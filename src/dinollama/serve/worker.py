@@ -55,7 +55,7 @@ class EngineWorker:
                     return
             try:
                 self.engine.step()
-            except Exception:  # noqa: BLE001 - a bug or out of memory: fail those requests, keep serving
+            except Exception:
                 log.exception("engine step failed")
                 self._fail_active()
 
