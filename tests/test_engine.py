@@ -111,3 +111,26 @@ def test_a_prompt_over_the_context_is_refused(shipped):
     model, tok = shipped
     with pytest.raises(ValueError, match=r"prompt \(300 tokens\) \+ max_gen_len \(10\) = 310 exceeds the context of 256"):
         Engine(model, 1, 256).add(Request([1] * 300, cl.SamplingParams(max_gen_len=10)))
+
+
+@pytest.mark.parametrize("kv_dtype", [None, torch.int8])
+def test_one_forward_step_equals_a_decode_and_a_prefill(shipped, kv_dtype):
+    model, _ = shipped
+    torch.manual_seed(1)
+    rows = [torch.randint(3, 1000, (1, n)) for n in (6, 13, 3)]
+    chunk = torch.randint(3, 1000, (9,))
+    nxt = torch.randint(3, 1000, (3,))
+    positions = torch.tensor([6, 13, 3])
+    results = []
+    for together in (True, False):
+        model.setup_cache(4, 64, kv_dtype)
+        for row, t in enumerate(rows):
+            model(t, 0, row=row)
+        model(chunk[None, :4], 0, row=3)  # the chunk's row already holds 4 tokens: the chunk starts at 4
+        if together:
+            results.append(model.step(nxt, positions, chunk[4:], 4, 3))
+        else:
+            dec = model(nxt[:, None], positions)[:, -1]
+            results.append((dec, model(chunk[None, 4:], 4, row=3)[0, -1]))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-4, rtol=1e-4)

@@ -156,11 +156,13 @@ class Engine:
         self._admit(done)
         prefill = next((r for r in self.active if r is not None and r.prefilling), None)
         decoding = [r for r in self.active if r is not None and not r.prefilling]
-        if prefill is not None:
-            self._prefill(prefill, done)
-        decoding = [r for r in decoding if not r.finished]
-        if decoding:
-            self._decode(decoding, done)
+        if prefill is not None and decoding and not prefill.prompt_logprobs:
+            self._together(prefill, decoding, done)
+        else:
+            if prefill is not None:
+                self._prefill(prefill, done)
+            if decoding:
+                self._decode(decoding, done)
         self.counters["steps"] += 1
         return done
 
@@ -192,14 +194,28 @@ class Engine:
             targets = torch.tensor(req.prompt[lo + 1 : hi], device=self.device)
             lp = logits[: hi - lo - 1].log_softmax(-1).gather(-1, targets[:, None])[:, 0]
             req.prompt_lp.extend(lp.tolist())
+        self._prefilled(req, lo, hi, logits[-1], done)
+
+    def _prefilled(self, req: Request, lo: int, hi: int, last: torch.Tensor, done: list[Request]) -> None:
         self.held[req.slot].extend(req.prompt[lo:hi])
         req.filled = hi
         self.counters["prompt_tokens"] += hi - lo
         if hi == len(req.prompt):
             req.t_first = time.monotonic()
-            self._accept(req, logits[-1], done)
+            self._accept(req, last, done)
 
-    def _decode(self, reqs: list[Request], done: list[Request]) -> None:
+    def _together(self, req: Request, reqs: list[Request], done: list[Request]) -> None:
+        """A prompt chunk and the decoding sequences in one forward (:meth:`Transformer.step`): the
+        weights are read once, so a newcomer's prefill delays the others' next token less."""
+        lo = req.filled
+        hi = min(len(req.prompt), lo + self.prefill_chunk)
+        tokens, positions = self._decode_inputs(reqs)
+        chunk = torch.tensor(req.prompt[lo:hi], device=self.device)
+        logits, last = self.model.step(tokens[:, 0].to(self.device), positions.to(self.device), chunk, lo, req.slot)
+        self._prefilled(req, lo, hi, last, done)
+        self._decoded(reqs, logits, done)
+
+    def _decode_inputs(self, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
         rows = max(r.slot for r in reqs) + 1
         tokens = torch.zeros(rows, 1, dtype=torch.long)
         # rows without a decoding sequence write to position ctx-1, which no sequence ever reaches:
@@ -208,7 +224,13 @@ class Engine:
         for r in reqs:
             tokens[r.slot, 0] = r.tokens[-1]
             positions[r.slot] = len(r.prompt) + len(r.tokens) - 1
-        logits = self.model(tokens.to(self.device), positions.to(self.device))[:, -1]
+        return tokens, positions
+
+    def _decode(self, reqs: list[Request], done: list[Request]) -> None:
+        tokens, positions = self._decode_inputs(reqs)
+        self._decoded(reqs, self.model(tokens.to(self.device), positions.to(self.device))[:, -1], done)
+
+    def _decoded(self, reqs: list[Request], logits: torch.Tensor, done: list[Request]) -> None:
         for r in reqs:
             self.held[r.slot].append(r.tokens[-1])
             self._accept(r, logits[r.slot], done)

@@ -85,6 +85,18 @@ PRESETS: dict[str, ModelArgs] = {
 }
 
 
+@dataclass
+class Step:
+    """One serving step in one forward: ``n`` decode rows (cache rows ``0..n-1``, one token each at
+    ``positions``, keys past each masked) and then a prompt chunk of cache row ``row`` from ``start``.
+    The projections and the MLP run once over all the tokens, so the weights are read once."""
+
+    positions: Tensor
+    mask: Tensor
+    start: int
+    row: int
+
+
 class Attention(nn.Module):
     """Grouped-query attention with rotary embeddings (``wq, wk, wv, wo``)."""
 
@@ -98,7 +110,7 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
         self.wqkv: nn.Module | None = None
 
-    def forward(self, x: Tensor, freqs_cis: Tensor, start_pos: int | Tensor, row: int = 0,
+    def forward(self, x: Tensor, freqs_cis: Tensor, start_pos: int | Tensor | Step, row: int = 0,
                 mask: Tensor | None = None) -> Tensor:
         b, t, _ = x.shape
         if self.wqkv is not None:  # fused by optimize_for_inference: one projection instead of three
@@ -109,6 +121,8 @@ class Attention(nn.Module):
         k = k.view(b, t, self.n_kv, self.head_dim)
         v = v.view(b, t, self.n_kv, self.head_dim)
         q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+        if isinstance(start_pos, Step):
+            return self.wo(self._step_attention(q, k, v, start_pos))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if isinstance(start_pos, Tensor):  # one token per row, each at its own position
             self.cache.update_at(start_pos, k, v)
@@ -123,6 +137,21 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=self.n_kv != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _step_attention(self, q: Tensor, k: Tensor, v: Tensor, plan: Step) -> Tensor:
+        """``(1, n + t, H, hd)`` tokens of a :class:`Step`: the decode rows against their own cache rows,
+        the chunk against its row's past and, causally, itself."""
+        n = plan.positions.shape[0]
+        qd, kd, vd = (x[0, :n, None].transpose(1, 2) for x in (q, k, v))
+        self.cache.update_at(plan.positions, kd, vd)
+        rows = self._decode_attention(qd, *self.cache.read(n, 0, plan.mask.shape[-1], q.dtype), plan.mask)
+        qc, kc, vc = (x[:, n:].transpose(1, 2) for x in (q, k, v))
+        self.cache.update(plan.start, kc, vc, plan.row)
+        if plan.start:
+            chunk = cached_attention(qc, kc, vc, self.cache, plan.start, plan.row)
+        else:
+            chunk = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+        return torch.cat([rows.reshape(n, -1), chunk[0].transpose(0, 1).reshape(qc.shape[2], -1)])[None]
 
     def _decode_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
         """One query per sequence: grouped matmuls against the cache, no K/V repetition for GQA.
@@ -146,7 +175,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x: Tensor, freqs_cis: Tensor, start_pos: int | Tensor, row: int = 0,
+    def forward(self, x: Tensor, freqs_cis: Tensor, start_pos: int | Tensor | Step, row: int = 0,
                 mask: Tensor | None = None) -> Tensor:
         h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos, row, mask)
         return h + self.feed_forward(self.ffn_norm(h))
@@ -223,9 +252,7 @@ class Transformer(nn.Module):
         mask = None
         if isinstance(start_pos, Tensor):  # row i's one token at start_pos[i]
             freqs = self.freqs_cis[start_pos][:, None]
-            keys = torch.arange(int(start_pos.max()) + 1, device=h.device)
-            mask = torch.zeros(keys.shape, device=h.device).masked_fill(keys > start_pos[:, None], float("-inf"))
-            mask = mask[:, None, None].to(h.dtype)
+            mask = self._row_mask(start_pos, h.dtype)
         else:
             freqs = self.freqs_cis[start_pos : start_pos + tokens.shape[1]]
         for layer in self.layers:
@@ -234,6 +261,30 @@ class Transformer(nn.Module):
             else:
                 h = layer(h, freqs, start_pos, row, mask)
         return h
+
+    def _row_mask(self, positions: Tensor, dtype: torch.dtype) -> Tensor:
+        """``(B, 1, 1, L)``: 0 for the keys up to each row's position, -inf past it."""
+        keys = torch.arange(int(positions.max()) + 1, device=positions.device)
+        mask = torch.zeros(keys.shape, device=positions.device).masked_fill(keys > positions[:, None], float("-inf"))
+        return mask[:, None, None].to(dtype)
+
+    @torch.inference_mode()
+    def step(self, tokens: Tensor, positions: Tensor, chunk: Tensor, start: int, row: int) -> tuple[Tensor, Tensor]:
+        """Decode ``tokens`` (cache row ``i`` at ``positions[i]``) and prefill ``chunk`` into cache row
+        ``row`` from ``start``, in one forward; returns the decode rows' logits ``(B, vocab)`` and the
+        chunk's last logits ``(vocab,)`` (the serving engine's step; same results as two calls)."""
+        n, t = tokens.shape[0], chunk.shape[0]
+        if n > self.max_batch or int(positions.max()) >= self.cache_len or start + t > self.cache_len:
+            raise ValueError("a step must fit the KV cache; call setup_cache first")
+        h = self.tok_embeddings(torch.cat([tokens, chunk]))[None]
+        if self.freqs_cis.device != h.device:
+            self.freqs_cis = self.freqs_cis.to(h.device)
+        freqs = torch.cat([self.freqs_cis[positions], self.freqs_cis[start : start + t]])
+        plan = Step(positions, self._row_mask(positions, h.dtype), start, row)
+        for layer in self.layers:
+            h = layer(h, freqs, plan)
+        logits = self.output(self.norm(torch.cat([h[0, :n], h[0, -1:]]))).float()
+        return logits[:n], logits[n]
 
     def forward(self, tokens: Tensor, start_pos: int | Tensor = 0, *, train: bool = False, last_only: bool = False,
                 row: int = 0) -> Tensor:
