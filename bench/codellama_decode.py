@@ -1,8 +1,10 @@
 """Decode and prefill tokens/s of dinollama's Code Llama vs transformers' LlamaForCausalLM.
 
-    python bench/codellama_decode.py [--dtypes fp32 bf16] [--new 128] [--prompt 64] [--rounds 3]
+    python bench/codellama_decode.py [--dtypes fp32 bf16] [--new 128] [--prompt 64] [--rounds 3] [--batches 1 4 8]
 
-Same weights (exported with save_hf), same dtype, batch 1, greedy; run side by side, interleaved.
+Same weights (exported with save_hf), same dtype, greedy; run side by side, interleaved. Batch 1 decode and
+prefill first; then aggregate decode tok/s at each of ``--batches`` (the engine decodes all sequences of a
+step in one forward; transformers' ``generate`` on the same batch).
 """
 
 from __future__ import annotations
@@ -60,6 +62,34 @@ def bench(dtype: torch.dtype, prompt_len: int, new: int, rounds: int, prefill_le
     return out
 
 
+def bench_batches(dtype: torch.dtype, batches: list[int], prompt_len: int, new: int, rounds: int) -> list[tuple]:
+    """``(batch, hf tok/s, ours tok/s, same greedy tokens)`` for each batch size."""
+    torch.manual_seed(0)
+    ours = build(CONFIG).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = LlamaForCausalLM.from_pretrained(save_hf(ours, tmp), attn_implementation="sdpa", dtype=dtype).eval()
+    gen = Generator(optimize_for_inference(ours.to(dtype), rows_hint=max(batches)), None)
+    params = SamplingParams(max_gen_len=new, temperature=0.0)
+    rows = []
+    with torch.inference_mode():
+        for b in batches:
+            prompts = torch.randint(3, CONFIG.vocab_size, (b, prompt_len))
+            times: dict[str, list[float]] = {"hf": [], "ours": []}
+            for r in range(rounds + 1):
+                t = time.perf_counter()
+                out_h = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new,
+                                    min_new_tokens=new, do_sample=False, pad_token_id=0)
+                times["hf"].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                out_o, _ = gen.generate(prompts.tolist(), params, stop_token=-100)
+                times["ours"].append(time.perf_counter() - t)
+                if r == 0:
+                    same = out_h[:, prompt_len:].tolist() == out_o
+            rows.append((b, b * new / statistics.median(times["hf"][1:]), b * new / statistics.median(times["ours"][1:]),
+                         same))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
@@ -67,6 +97,7 @@ def main() -> None:
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 4, 8], help="aggregate decode tok/s at these batch sizes")
     args = p.parse_args()
     n = sum(x.numel() for x in build(CONFIG).parameters())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {n / 1e6:.0f}M params, batch 1, "
@@ -77,6 +108,12 @@ def main() -> None:
         print(f"{dt:<6}{r['hf-decode']:>11.1f}{r['ours-decode']:>13.1f}{r['ours-decode'] / r['hf-decode']:>7.2f}x"
               f"{r['hf-prefill']:>12.0f}{r['ours-prefill']:>14.0f}{r['ours-prefill'] / r['hf-prefill']:>7.2f}x  "
               f"{bool(r['same_tokens'])}", flush=True)
+    if args.batches:
+        print(f"\naggregate decode tok/s, {args.prompt}-token prompts + {args.new} new tokens each (prefill included)")
+        print(f"{'dtype':<6}{'batch':>6}{'hf':>9}{'ours':>9}{'ratio':>8}  same greedy tokens")
+        for dt in args.dtypes:
+            for b, h, o, same in bench_batches(DTYPES[dt], args.batches, args.prompt, args.new, args.rounds):
+                print(f"{dt:<6}{b:>6}{h:>9.1f}{o:>9.1f}{o / h:>7.2f}x  {same}", flush=True)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from dinollama.nn.kernels import cpu_kernels
 
 CONFIG = ModelArgs(dim=768, n_layers=12, n_heads=12, vocab_size=32016, multiple_of=256, rope_theta=1e6, max_seq_len=2048)
 SLOTS, SLOT_CTX = 16, 512
+EXTRA: list[str] = []  # more `dinollama serve` options (--serve-args)
 
 
 def cpu_name() -> str:
@@ -132,7 +133,7 @@ def start_ours(gguf: Path, qtype: str, threads: int, port: int) -> subprocess.Po
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     return subprocess.Popen([sys.executable, "-m", "dinollama.cli.main", "serve", "--model", str(gguf), "--port",
                              str(port), "--parallel", str(SLOTS), "--ctx", str(SLOT_CTX), "--dtype", dtype,
-                             "--max-queue", "1000"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--max-queue", "1000", *EXTRA], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def start_llama(exe: Path, gguf: Path, threads: int, port: int) -> subprocess.Popen:
@@ -150,7 +151,10 @@ def main() -> None:
     p.add_argument("--types", nargs="+", default=["f32", "bf16"])
     p.add_argument("--tokens", type=int, default=64, help="n_predict of each request")
     p.add_argument("--prompt", type=int, default=96, help="prompt tokens of each request")
+    p.add_argument("--serve-args", default="", help="extra options for dinollama serve, e.g. '--interleave-chunk 48'")
+    p.add_argument("--only-ours", action="store_true", help="skip llama-server (for tuning our options)")
     args = p.parse_args()
+    EXTRA.extend(args.serve_args.split())
     exe = args.llama_cpp / "build" / "bin" / "llama-server"
     k = cpu_kernels()
     print(f"{cpu_name()}; cpu kernels: ATen {k.capability}, native bf16 {'yes' if k.native_bf16 else 'no'}; "
@@ -166,7 +170,7 @@ def main() -> None:
             gguf = save_gguf(model, tok, Path(tmp) / f"m-{qtype}.gguf", qtype)
             for streams in args.streams:
                 rows = {}
-                for name in ("llama-server", "dinollama"):
+                for name in (("dinollama",) if args.only_ours else ("llama-server", "dinollama")):
                     port = free_port()
                     proc = (start_llama(exe, gguf, args.threads, port) if name == "llama-server"
                             else start_ours(gguf, qtype, args.threads, port))
@@ -179,7 +183,7 @@ def main() -> None:
                         proc.terminate()
                         proc.wait(timeout=60)
                 for name, r in rows.items():
-                    ratio = f"{r['tok_s'] / rows['llama-server']['tok_s']:.2f}x" if name == "dinollama" else ""
+                    ratio = f"{r['tok_s'] / rows['llama-server']['tok_s']:.2f}x" if "llama-server" in rows and name == "dinollama" else ""
                     print(f"{qtype:<5} {streams:>7}  {name:<12} {r['tok_s']:>7.1f} {r['ttft50'] * 1000:>7.0f}ms "
                           f"{r['ttft99'] * 1000:>7.0f}ms {r['itl50'] * 1000:>6.1f}ms {r['itl99'] * 1000:>6.1f}ms "
                           f"{r['failed']:>7}   {ratio}", flush=True)

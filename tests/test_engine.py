@@ -119,18 +119,22 @@ def test_one_forward_step_equals_a_decode_and_a_prefill(shipped, kv_dtype):
     torch.manual_seed(1)
     rows = [torch.randint(3, 1000, (1, n)) for n in (6, 13, 3)]
     chunk = torch.randint(3, 1000, (9,))
+    other = torch.randint(3, 1000, (5,))
     nxt = torch.randint(3, 1000, (3,))
     positions = torch.tensor([6, 13, 3])
     results = []
     for together in (True, False):
-        model.setup_cache(4, 64, kv_dtype)
+        model.setup_cache(5, 64, kv_dtype)
         for row, t in enumerate(rows):
             model(t, 0, row=row)
         model(chunk[None, :4], 0, row=3)  # the chunk's row already holds 4 tokens: the chunk starts at 4
-        if together:
-            results.append(model.step(nxt, positions, chunk[4:], 4, 3))
+        if together:  # the decode rows, the rest of row 3's prompt and a new prompt in row 4, in one forward
+            results.append(model.step(nxt, positions, [(chunk[4:], 4, 3), (other, 0, 4)]))
         else:
             dec = model(nxt[:, None], positions)[:, -1]
-            results.append((dec, model(chunk[None, 4:], 4, row=3)[0, -1]))
+            lasts = torch.stack([model(chunk[None, 4:], 4, row=3)[0, -1], model(other[None], 0, row=4)[0, -1]])
+            results.append((dec, lasts))
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(results[0][1], results[1][1], atol=1e-4, rtol=1e-4)
+    prefill_only = model.step(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), [(other, 0, 4)])
+    torch.testing.assert_close(prefill_only[1][0], results[1][1][1], atol=1e-4, rtol=1e-4)

@@ -99,8 +99,11 @@ class Engine:
     """Slots over one model's KV cache, stepped by one thread; :meth:`add` may be called from others."""
 
     def __init__(self, model: Transformer, slots: int = 1, ctx: int | None = None, kv_dtype: torch.dtype | None = None,
-                 prefill_chunk: int = 512) -> None:
+                 prefill_chunk: int = 512, interleave_chunk: int | None = None) -> None:
+        """``prefill_chunk``: prompt tokens per step; ``interleave_chunk``: per step while other sequences
+        decode (default the same), which bounds how much a newcomer delays their next token."""
         self.model, self.slots, self.prefill_chunk = model, slots, prefill_chunk
+        self.interleave_chunk = interleave_chunk or prefill_chunk
         self.ctx = ctx or model.params.max_seq_len
         model.setup_cache(slots, self.ctx, kv_dtype)
         self.device = model.tok_embeddings.weight.device
@@ -154,13 +157,16 @@ class Engine:
             if r is not None and r.cancelled:
                 self._finish(r, "cancelled", done)
         self._admit(done)
-        prefill = next((r for r in self.active if r is not None and r.prefilling), None)
+        prefilling = sorted((r for r in self.active if r is not None and r.prefilling), key=lambda r: r.t_added)
         decoding = [r for r in self.active if r is not None and not r.prefilling]
-        if prefill is not None and decoding and not prefill.prompt_logprobs:
-            self._together(prefill, decoding, done)
+        if prefilling and prefilling[0].prompt_logprobs:  # all its logits: a forward of its own
+            self._prefill(prefilling[0], done)
+            prefilling = []
+        if prefilling and (decoding or len(prefilling) > 1):
+            self._together(prefilling, decoding, done)
         else:
-            if prefill is not None:
-                self._prefill(prefill, done)
+            if prefilling:
+                self._prefill(prefilling[0], done)
             if decoding:
                 self._decode(decoding, done)
         self.counters["steps"] += 1
@@ -204,15 +210,27 @@ class Engine:
             req.t_first = time.monotonic()
             self._accept(req, last, done)
 
-    def _together(self, req: Request, reqs: list[Request], done: list[Request]) -> None:
-        """A prompt chunk and the decoding sequences in one forward (:meth:`Transformer.step`): the
-        weights are read once, so a newcomer's prefill delays the others' next token less."""
-        lo = req.filled
-        hi = min(len(req.prompt), lo + self.prefill_chunk)
-        tokens, positions = self._decode_inputs(reqs)
-        chunk = torch.tensor(req.prompt[lo:hi], device=self.device)
-        logits, last = self.model.step(tokens[:, 0].to(self.device), positions.to(self.device), chunk, lo, req.slot)
-        self._prefilled(req, lo, hi, last, done)
+    def _together(self, prefilling: list[Request], reqs: list[Request], done: list[Request]) -> None:
+        """Prompt chunks (up to ``prefill_chunk`` tokens in all, oldest request first; up to
+        ``interleave_chunk`` while others decode) and the decoding sequences in one forward
+        (:meth:`Transformer.step`): the weights are read once for all of them."""
+        budget = self.interleave_chunk if reqs else self.prefill_chunk
+        parts = []
+        for r in prefilling:
+            if budget <= 0 or r.prompt_logprobs:
+                break
+            lo = r.filled
+            hi = min(len(r.prompt), lo + budget)
+            parts.append((r, lo, hi))
+            budget -= hi - lo
+        if reqs:
+            tokens, positions = self._decode_inputs(reqs)
+        else:
+            tokens, positions = torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        chunks = [(torch.tensor(r.prompt[lo:hi], device=self.device), lo, r.slot) for r, lo, hi in parts]
+        logits, lasts = self.model.step(tokens[:, 0].to(self.device), positions.to(self.device), chunks)
+        for (r, lo, hi), last in zip(parts, lasts):
+            self._prefilled(r, lo, hi, last, done)
         self._decoded(reqs, logits, done)
 
     def _decode_inputs(self, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:

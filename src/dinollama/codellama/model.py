@@ -88,13 +88,12 @@ PRESETS: dict[str, ModelArgs] = {
 @dataclass
 class Step:
     """One serving step in one forward: ``n`` decode rows (cache rows ``0..n-1``, one token each at
-    ``positions``, keys past each masked) and then a prompt chunk of cache row ``row`` from ``start``.
-    The projections and the MLP run once over all the tokens, so the weights are read once."""
+    ``positions``, keys past each masked; ``n`` may be 0), then prompt chunks, each ``(start, row,
+    length)``. The projections and the MLP run once over all the tokens: the weights are read once."""
 
     positions: Tensor
-    mask: Tensor
-    start: int
-    row: int
+    mask: Tensor | None
+    chunks: list[tuple[int, int, int]]
 
 
 class Attention(nn.Module):
@@ -139,19 +138,26 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
     def _step_attention(self, q: Tensor, k: Tensor, v: Tensor, plan: Step) -> Tensor:
-        """``(1, n + t, H, hd)`` tokens of a :class:`Step`: the decode rows against their own cache rows,
-        the chunk against its row's past and, causally, itself."""
+        """``(1, n + sum(lengths), H, hd)`` tokens of a :class:`Step`: the decode rows against their own
+        cache rows, each chunk against its row's past and, causally, itself."""
         n = plan.positions.shape[0]
-        qd, kd, vd = (x[0, :n, None].transpose(1, 2) for x in (q, k, v))
-        self.cache.update_at(plan.positions, kd, vd)
-        rows = self._decode_attention(qd, *self.cache.read(n, 0, plan.mask.shape[-1], q.dtype), plan.mask)
-        qc, kc, vc = (x[:, n:].transpose(1, 2) for x in (q, k, v))
-        self.cache.update(plan.start, kc, vc, plan.row)
-        if plan.start:
-            chunk = cached_attention(qc, kc, vc, self.cache, plan.start, plan.row)
-        else:
-            chunk = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
-        return torch.cat([rows.reshape(n, -1), chunk[0].transpose(0, 1).reshape(qc.shape[2], -1)])[None]
+        outs = []
+        if n:
+            qd, kd, vd = (x[0, :n, None].transpose(1, 2) for x in (q, k, v))
+            self.cache.update_at(plan.positions, kd, vd)
+            outs.append(self._decode_attention(qd, *self.cache.read(n, 0, plan.mask.shape[-1], q.dtype),
+                                               plan.mask).reshape(n, -1))
+        lo = n
+        for start, row, t in plan.chunks:
+            qc, kc, vc = (x[:, lo : lo + t].transpose(1, 2) for x in (q, k, v))
+            self.cache.update(start, kc, vc, row)
+            if start:
+                chunk = cached_attention(qc, kc, vc, self.cache, start, row)
+            else:
+                chunk = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+            outs.append(chunk[0].transpose(0, 1).reshape(t, -1))
+            lo += t
+        return torch.cat(outs)[None]
 
     def _decode_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
         """One query per sequence: grouped matmuls against the cache, no K/V repetition for GQA.
@@ -269,22 +275,26 @@ class Transformer(nn.Module):
         return mask[:, None, None].to(dtype)
 
     @torch.inference_mode()
-    def step(self, tokens: Tensor, positions: Tensor, chunk: Tensor, start: int, row: int) -> tuple[Tensor, Tensor]:
-        """Decode ``tokens`` (cache row ``i`` at ``positions[i]``) and prefill ``chunk`` into cache row
-        ``row`` from ``start``, in one forward; returns the decode rows' logits ``(B, vocab)`` and the
-        chunk's last logits ``(vocab,)`` (the serving engine's step; same results as two calls)."""
-        n, t = tokens.shape[0], chunk.shape[0]
-        if n > self.max_batch or int(positions.max()) >= self.cache_len or start + t > self.cache_len:
+    def step(self, tokens: Tensor, positions: Tensor, chunks: list[tuple[Tensor, int, int]]) -> tuple[Tensor, Tensor]:
+        """Decode ``tokens`` (cache row ``i`` at ``positions[i]``; may be empty) and prefill each chunk
+        ``(tokens, start, row)`` into its cache row, in one forward. Returns the decode rows' logits
+        ``(B, vocab)`` and each chunk's last logits ``(chunks, vocab)``: the serving engine's step, the
+        same results as separate calls."""
+        n = tokens.shape[0]
+        fits = all(start + c.shape[0] <= self.cache_len and row < self.max_batch for c, start, row in chunks)
+        if n > self.max_batch or (n and int(positions.max()) >= self.cache_len) or not fits:
             raise ValueError("a step must fit the KV cache; call setup_cache first")
-        h = self.tok_embeddings(torch.cat([tokens, chunk]))[None]
+        h = self.tok_embeddings(torch.cat([tokens] + [c for c, _, _ in chunks]))[None]
         if self.freqs_cis.device != h.device:
             self.freqs_cis = self.freqs_cis.to(h.device)
-        freqs = torch.cat([self.freqs_cis[positions], self.freqs_cis[start : start + t]])
-        plan = Step(positions, self._row_mask(positions, h.dtype), start, row)
+        freqs = torch.cat([self.freqs_cis[positions]] + [self.freqs_cis[s : s + c.shape[0]] for c, s, _ in chunks])
+        plan = Step(positions, self._row_mask(positions, h.dtype) if n else None,
+                    [(s, row, c.shape[0]) for c, s, row in chunks])
         for layer in self.layers:
             h = layer(h, freqs, plan)
-        logits = self.output(self.norm(torch.cat([h[0, :n], h[0, -1:]]))).float()
-        return logits[:n], logits[n]
+        ends = torch.tensor([c.shape[0] for c, _, _ in chunks], device=h.device).cumsum(0) + n - 1
+        logits = self.output(self.norm(torch.cat([h[0, :n], h[0, ends]]))).float()
+        return logits[:n], logits[n:]
 
     def forward(self, tokens: Tensor, start_pos: int | Tensor = 0, *, train: bool = False, last_only: bool = False,
                 row: int = 0) -> Tensor:

@@ -39,6 +39,7 @@ class ServeConfig:
     max_body_mb: float = 20.0
     max_images: int = 16
     prefill_chunk: int = 512
+    interleave_chunk: int = 512
 
 
 @dataclass
