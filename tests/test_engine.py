@@ -138,3 +138,11 @@ def test_one_forward_step_equals_a_decode_and_a_prefill(shipped, kv_dtype):
     torch.testing.assert_close(results[0][1], results[1][1], atol=1e-4, rtol=1e-4)
     prefill_only = model.step(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), [(other, 0, 4)])
     torch.testing.assert_close(prefill_only[1][0], results[1][1][1], atol=1e-4, rtol=1e-4)
+
+
+def test_a_tiny_temperature_samples_the_most_likely_token():
+    from dinollama.codellama import sample
+
+    logits = torch.randn(3, 50) * 10
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(sample(logits, 5e-64, 0.95, 0, gen), logits.argmax(-1))  # found by schemathesis: was nan

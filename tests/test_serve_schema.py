@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import schemathesis
 from helpers_serve import LiveServer
+
+EXAMPLES = int(os.environ.get("DINOLLAMA_SCHEMA_EXAMPLES", "25"))
 from hypothesis import HealthCheck, given, settings
 
 
@@ -32,7 +36,9 @@ def test_no_server_errors_and_json_errors(live, path):
     (op,) = [o for o in _operations(live.url) if o.path == path]
 
     @given(case=op.as_strategy())
-    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    # derandomized: CI sees the same requests every run; DINOLLAMA_SCHEMA_EXAMPLES=200 explores further by hand
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+              derandomize=EXAMPLES == 25)
     def check(case):
         response = case.call(timeout=60)
         assert response.status_code < 500, (case.body, response.text[:300])

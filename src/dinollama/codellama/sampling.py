@@ -58,7 +58,8 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, g
     """Greedy when ``temperature == 0``; else top-k, then nucleus (top-p) sampling."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    # shifted to max 0 and the temperature kept a float32 number: a tiny one leaves only the top tokens, never nan
+    logits = (logits - logits.amax(-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k > 0:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
