@@ -305,3 +305,15 @@ def test_sigterm_under_load_loses_nothing(tmp_path):
     finally:
         proc.kill()
         proc.stdout.close()
+
+
+def test_serves_a_gguf_file(tmp_path):
+    model, tok = cl.load("default", dtype=torch.float32)
+    cl.quantize(model, "int8", group_size=32)
+    path = cl.save_gguf(model, tok, tmp_path / "default-q8_0.gguf", "q8_0")
+    again, tok2 = cl.load(path, dtype=torch.float32)
+    ref = cl.Generator(cl.optimize_for_inference(again, rows_hint=2), tok2)
+    with LiveServer(model=str(path), parallel=2, ctx=256, dtype="fp32") as s:
+        status, body = s.post("/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0})
+        assert status == 200 and body["model"] == "default-q8_0.gguf"
+        assert body["choices"][0]["text"] == ref.text_completion([PROMPTS[0]], cl.SamplingParams(max_gen_len=16))[0]
