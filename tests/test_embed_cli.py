@@ -199,3 +199,14 @@ def test_random_weights_are_the_same_network_every_run(tmp_path):
     args = __import__("argparse").Namespace(model="dinov2_vits14", weights="random", device="cpu")
     a, b = load_model(args), load_model(args)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_the_serve_step_of_the_demo(tmp_path, capsys):
+    from dinollama.cli.demo import _write_folder, serve_demo
+    from dinollama.data.mnist import load_fashion_mnist
+
+    x, y = load_fashion_mnist("test", "mini")
+    _write_folder(x[:3], y[:3], tmp_path)
+    assert serve_demo("default", "default", [str(p) for p in sorted(tmp_path.rglob("*.png"))]) == 0
+    out = capsys.readouterr().out
+    assert "POST /v1/chat/completions ->" in out and "POST /infill" in out and "cosine" in out

@@ -1,4 +1,5 @@
-"""``dinollama demo``: the vision main job end to end on the committed Fashion-MNIST images."""
+"""``dinollama demo``: the vision job on the committed Fashion-MNIST images, the code job on held-out CPython
+snippets, and the server answering both kinds of request."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def cmd_demo(args) -> int:
             shutil.rmtree(out / split, ignore_errors=True)  # left by a run with other --n-train/--n-test
             _write_folder(x, y, out / split)
     model = args.model
-    print(f"[1/5] embedding {len(xtr)} + {len(xte)} real Fashion-MNIST images (the test images were held out of its training) with {model}")
+    print(f"[1/6] embedding {len(xtr)} + {len(xte)} real Fashion-MNIST images (the test images were held out of its training) with {model}")
     common = ["--model", model, "--dtype", args.dtype, "--batch-size", "64", "--workers", "1", "--quiet"]
     for split in ("train", "test"):
         if cli(["embed", str(out / split), "-o", str(out / f"{split}.safetensors"), *common]) != 0:
@@ -50,11 +51,13 @@ def cmd_demo(args) -> int:
     raw = knn_predict(torch.tensor(xtr.reshape(len(xtr), -1), dtype=torch.float32), torch.tensor(ytr),
                       torch.tensor(xte.reshape(len(xte), -1), dtype=torch.float32), ks=(20,))[20]
     raw_acc = (raw == torch.tensor(yte)).float().mean().item()
-    print(f"[2/5] 20-NN top-1 on {len(xte)} test images: features {acc:.3f} | raw pixels {raw_acc:.3f}")
+    print(f"[2/6] 20-NN top-1 on {len(xte)} test images: features {acc:.3f} | raw pixels {raw_acc:.3f}")
     picks = sorted((out / "test").rglob("*.png"))[:: max(1, len(xte) // 4)][:4]
     cli(["pca", *map(str, picks), "-o", str(out / "pca.png"), "--model", model, "--size", str(args.pca_size)])
-    print(f"[3/5] PCA picture of patch features: {out / 'pca.png'}")
-    return 0 if args.skip_code else code_demo(args.code_model)
+    print(f"[3/6] PCA picture of patch features: {out / 'pca.png'}")
+    if args.skip_code:
+        return 0
+    return code_demo(args.code_model) or serve_demo(args.code_model, model, [str(p) for p in picks[:3]])
 
 
 def code_demo(model_path: str) -> int:
@@ -70,15 +73,68 @@ def code_demo(model_path: str) -> int:
     prompt = first["prefix"][-300:]
     prompt = prompt[prompt.find("\n") + 1 :]
     completion = gen.text_completion([prompt], SamplingParams(max_gen_len=48, stop_strings=("\n\n\n",)))[0]
-    print(f"[4/5] completion by the default code model (greedy) of held-out CPython code:\n{prompt}\033[1m{completion}\033[0m")
+    print(f"[4/6] completion by the default code model (greedy) of held-out CPython code:\n{prompt}\033[1m{completion}\033[0m")
     middles = gen.text_infilling([s["prefix"] for s in snippets], [s["suffix"] for s in snippets], SamplingParams(max_gen_len=32))
     hits = 0
-    print("[5/5] infilling held-out single lines (expected | generated):")
+    print("[5/6] infilling held-out single lines (expected | generated):")
     for s, m in zip(snippets, middles):
         got = m.split("\n")[0]
         hits += got.strip() == s["middle"].strip()
         print(f"  {'=' if got.strip() == s['middle'].strip() else 'x'} {s['middle'].strip()!r:60} | {got.strip()!r}")
     print(f"      exact match {hits}/{len(snippets)}")
+    return 0
+
+
+def serve_demo(code_model: str, vision_model: str, images: list[str]) -> int:
+    """``dinollama serve`` in this process on a free loopback port: a chat answer, an infilling, and
+    image embeddings compared by cosine, through the HTTP API."""
+    import base64
+    import socket
+    import threading
+    import time
+    import urllib.request
+
+    import uvicorn
+
+    from ..serve import ServeConfig, create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(ServeConfig(model=code_model, vision_model=vision_model, port=port, parallel=2, ctx=512))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+
+    def post(path: str, body: dict) -> dict:
+        req = urllib.request.Request(url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read())
+
+    try:
+        deadline = time.monotonic() + 120
+        while app.state.server.load_error is None and not app.state.server.ready and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not app.state.server.ready:
+            print(f"dinollama demo: the server did not start: {app.state.server.load_error}")
+            return 1
+        chat = post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Sort a list in Python."}],
+                                             "max_tokens": 40, "temperature": 0})["choices"][0]["message"]["content"]
+        fim = post("/infill", {"input_prefix": "def area(r):\n    return ", "input_suffix": "\n", "n_predict": 16,
+                               "temperature": 0})["content"]
+        urls = ["data:image/png;base64," + base64.b64encode(Path(p).read_bytes()).decode() for p in images]
+        vecs = torch.tensor([d["embedding"] for d in post("/v1/embeddings", {"input": urls, "modality": "image"})["data"]])
+        sims = torch.nn.functional.normalize(vecs, dim=1) @ torch.nn.functional.normalize(vecs, dim=1).T
+        print(f"[6/6] dinollama serve at {url} (OpenAI and llama.cpp APIs, one engine):")
+        print(f"  POST /v1/chat/completions -> {' '.join(chat.split())[:100]!r}")
+        print(f"  POST /infill (def area(r): return ...) -> {fim.splitlines()[0] if fim else fim!r}")
+        names = [Path(p).parent.name for p in images]
+        print(f"  POST /v1/embeddings, {len(images)} images ({', '.join(names)}): cosine {sims[0, 1]:.3f} (first two), "
+              f"{sims[0, -1]:.3f} (first and last)")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
     return 0
 
 

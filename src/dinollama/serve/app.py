@@ -32,13 +32,14 @@ def load_models(state: State) -> None:
     import torch
 
     from ..cli.code import KV_DTYPES
-    from ..cli.options import resolve_dtype
+    from ..cli.options import default_device, resolve_dtype
     from ..codellama import Generator, load, optimize_for_inference
     from ..codellama.engine import Engine
 
     c = state.config
+    device = c.device or default_device()
     try:
-        model, tokenizer = load(c.model, dtype=resolve_dtype(c.dtype, c.device), device=c.device)
+        model, tokenizer = load(c.model, dtype=resolve_dtype(c.dtype, device), device=device)
         if tokenizer is None:
             raise FileNotFoundError(f"{c.model}/tokenizer.model: the model folder needs its tokenizer")
         ctx = c.ctx or min(4096, model.params.max_seq_len)  # per slot, as llama-server's default context
@@ -53,7 +54,7 @@ def load_models(state: State) -> None:
         if c.vision_model:
             from .vision import ImageEmbedder
 
-            state.vision = ImageEmbedder(c.vision_model, device=c.device)
+            state.vision = ImageEmbedder(c.vision_model, device=device)
         state.model_name = "default" if c.model == "default" else str(c.model).rstrip("/").split("/")[-1]
         state.ready = True
         log.info("ready: %s, %d slots x %d tokens, kernels %s", state.model_name, c.parallel, ctx,
