@@ -59,7 +59,7 @@ def load_models(state: State) -> None:
         state.ready = True
         log.info("ready: %s, %d slots x %d tokens, kernels %s", state.model_name, c.parallel, ctx,
                  torch.backends.cpu.get_cpu_capability())
-    except Exception as e:  # shown by /health and the log, in one line
+    except Exception as e:  # noqa: BLE001 - shown by /health and the log, in one line
         state.load_error = f"the model failed to load: {' '.join(str(e).split())}"
         log.error(state.load_error)
 

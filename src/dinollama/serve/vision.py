@@ -43,7 +43,7 @@ def decode_data_url(url: str, index: int) -> Image.Image:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadImage(f"input[{index}]: refused as a decompression bomb") from None
-    except Exception as e:  # Pillow raises many types for corrupt data
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types for corrupt data
         raise BadImage(f"input[{index}]: not a decodable image ({type(e).__name__}: {e})") from None
 
 
