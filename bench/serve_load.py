@@ -151,7 +151,7 @@ def main() -> None:
     p.add_argument("--types", nargs="+", default=["f32", "bf16"])
     p.add_argument("--tokens", type=int, default=64, help="n_predict of each request")
     p.add_argument("--prompt", type=int, default=96, help="prompt tokens of each request")
-    p.add_argument("--serve-args", default="", help="extra options for dinollama serve, e.g. '--interleave-chunk 48'")
+    p.add_argument("--serve-args", default="", help="extra options for dinollama serve, e.g. '--prefill-chunk 128'")
     p.add_argument("--only-ours", action="store_true", help="skip llama-server (for tuning our options)")
     args = p.parse_args()
     EXTRA.extend(args.serve_args.split())

@@ -74,7 +74,7 @@ def test_per_row_positions_match_single_rows(shipped):
     for row, t in enumerate(prompts):
         model(t, 0, row=row)
     nxt = torch.randint(3, 1000, (3, 1))
-    batched = model(nxt, torch.tensor([5, 11, 2]))[:, -1]
+    batched = model.step(nxt[:, 0], torch.tensor([5, 11, 2]), [])[0]
     for row, t in enumerate(prompts):
         model.setup_cache(1, 64)
         model(t, 0)
@@ -108,7 +108,7 @@ def test_stop_strings_and_visible_text(shipped):
 
 
 def test_a_prompt_over_the_context_is_refused(shipped):
-    model, tok = shipped
+    model, _ = shipped
     with pytest.raises(ValueError, match=r"prompt \(300 tokens\) \+ max_gen_len \(10\) = 310 exceeds the context of 256"):
         Engine(model, 1, 256).add(Request([1] * 300, cl.SamplingParams(max_gen_len=10)))
 
@@ -131,7 +131,7 @@ def test_one_forward_step_equals_a_decode_and_a_prefill(shipped, kv_dtype):
         if together:  # the decode rows, the rest of row 3's prompt and a new prompt in row 4, in one forward
             results.append(model.step(nxt, positions, [(chunk[4:], 4, 3), (other, 0, 4)]))
         else:
-            dec = model(nxt[:, None], positions)[:, -1]
+            dec = model.step(nxt, positions, [])[0]  # the decode rows alone (single rows: the test above)
             lasts = torch.stack([model(chunk[None, 4:], 4, row=3)[0, -1], model(other[None], 0, row=4)[0, -1]])
             results.append((dec, lasts))
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-4, rtol=1e-4)

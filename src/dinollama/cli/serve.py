@@ -33,8 +33,6 @@ def register(sub) -> None:
     p.add_argument("--max-images", type=positive_int, default=16, help="images per embeddings request")
     p.add_argument("--prefill-chunk", type=positive_int, default=512,
                    help="prompt tokens per step: long prompts prefill in chunks, in the same forward as the decoding")
-    p.add_argument("--interleave-chunk", type=positive_int, default=512,
-                   help="prompt tokens per step while other sequences decode (smaller: less delay to their tokens)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -72,6 +70,5 @@ def cmd_serve(args) -> int:
     config = ServeConfig(model=args.model, vision_model=args.vision_model, host=args.host, port=args.port,
                          parallel=args.parallel, ctx=args.ctx, api_key=args.api_key, dtype=args.dtype,
                          device=args.device, kv_dtype=args.kv_dtype, max_queue=args.max_queue, timeout_s=args.timeout,
-                         max_body_mb=args.max_body_mb, max_images=args.max_images, prefill_chunk=args.prefill_chunk,
-                         interleave_chunk=args.interleave_chunk)
+                         max_body_mb=args.max_body_mb, max_images=args.max_images, prefill_chunk=args.prefill_chunk)
     return serve(config)

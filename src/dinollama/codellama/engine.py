@@ -87,6 +87,17 @@ class Request:
         return text.rstrip(_REPLACEMENT)
 
 
+def check_fits_context(prompt_len: int, max_gen_len: int, ctx: int) -> int:
+    """Prompt + ``max_gen_len`` tokens, or a ``ValueError`` with the counts when over ``ctx``."""
+    if prompt_len == 0:
+        raise ValueError("the prompt needs at least one token")
+    total = prompt_len + max_gen_len
+    if total > ctx:
+        raise ValueError(f"prompt ({prompt_len} tokens) + max_gen_len ({max_gen_len}) = {total} exceeds the context "
+                         f"of {ctx} tokens; shorten the prompt or lower max_gen_len")
+    return total
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -99,11 +110,10 @@ class Engine:
     """Slots over one model's KV cache, stepped by one thread; :meth:`add` may be called from others."""
 
     def __init__(self, model: Transformer, slots: int = 1, ctx: int | None = None, kv_dtype: torch.dtype | None = None,
-                 prefill_chunk: int = 512, interleave_chunk: int | None = None) -> None:
-        """``prefill_chunk``: prompt tokens per step; ``interleave_chunk``: per step while other sequences
-        decode (default the same); smaller bounds how much a newcomer delays their next token."""
+                 prefill_chunk: int = 512) -> None:
+        """``prefill_chunk``: prompt tokens per step (bounds a step's activations and the delay a new
+        prompt adds to the others' next token)."""
         self.model, self.slots, self.prefill_chunk = model, slots, prefill_chunk
-        self.interleave_chunk = interleave_chunk or prefill_chunk
         self.ctx = ctx or model.params.max_seq_len
         model.setup_cache(slots, self.ctx, kv_dtype)
         self.device = model.tok_embeddings.weight.device
@@ -115,12 +125,7 @@ class Engine:
 
     def check(self, req: Request) -> None:
         """``ValueError`` with the token counts when ``req`` cannot fit in a slot."""
-        if not req.prompt:
-            raise ValueError("the prompt needs at least one token")
-        total = len(req.prompt) + req.params.max_gen_len
-        if total > self.ctx:
-            raise ValueError(f"prompt ({len(req.prompt)} tokens) + max_gen_len ({req.params.max_gen_len}) = {total} "
-                             f"exceeds the context of {self.ctx} tokens; shorten the prompt or lower max_gen_len")
+        check_fits_context(len(req.prompt), req.params.max_gen_len, self.ctx)
 
     def add(self, req: Request) -> Request:
         self.check(req)
@@ -160,17 +165,21 @@ class Engine:
         prefilling = sorted((r for r in self.active if r is not None and r.prefilling), key=lambda r: r.t_added)
         decoding = [r for r in self.active if r is not None and not r.prefilling]
         if prefilling and prefilling[0].prompt_logprobs:  # all its logits: a forward of its own
-            self._prefill(prefilling[0], done)
+            self._prefill_with_logprobs(prefilling[0], done)
             prefilling = []
-        if prefilling and (decoding or len(prefilling) > 1):
-            self._together(prefilling, decoding, done)
-        else:
-            if prefilling:
-                self._prefill(prefilling[0], done)
-            if decoding:
-                self._decode(decoding, done)
+        if prefilling or decoding:
+            self._forward(prefilling, decoding, done)
         self.counters["steps"] += 1
         return done
+
+    def abort(self) -> list[Request]:
+        """End every running request with ``finish_reason == "error"`` and forget what the slots held
+        (after a failed step their caches are in an unknown state)."""
+        failed = [r for r in self.active if r is not None]
+        for r in failed:
+            self._finish(r, "error", [])
+        self.held = [[] for _ in range(self.slots)]
+        return failed
 
     def _admit(self, done: list[Request]) -> None:
         with self._lock:
@@ -189,17 +198,15 @@ class Engine:
                 self.active[slot] = req
                 self.counters["cached_tokens"] += reuse
 
-    def _prefill(self, req: Request, done: list[Request]) -> None:
+    def _prefill_with_logprobs(self, req: Request, done: list[Request]) -> None:
+        """One chunk of a prompt whose tokens' log-probabilities are wanted (``echo`` with ``logprobs``)."""
         lo = req.filled
         hi = min(len(req.prompt), lo + self.prefill_chunk)
-        chunk = torch.tensor([req.prompt[lo:hi]], device=self.device)
-        logits = self.model(chunk, lo, row=req.slot, last_only=not req.prompt_logprobs)[0]
-        if req.prompt_logprobs:
-            if lo == 0:
-                req.prompt_lp.append(0.0)
-            targets = torch.tensor(req.prompt[lo + 1 : hi], device=self.device)
-            lp = logits[: hi - lo - 1].log_softmax(-1).gather(-1, targets[:, None])[:, 0]
-            req.prompt_lp.extend(lp.tolist())
+        logits = self.model(torch.tensor([req.prompt[lo:hi]], device=self.device), lo, row=req.slot)[0]
+        if lo == 0:
+            req.prompt_lp.append(0.0)
+        targets = torch.tensor(req.prompt[lo + 1 : hi], device=self.device)
+        req.prompt_lp.extend(logits[: hi - lo - 1].log_softmax(-1).gather(-1, targets[:, None])[:, 0].tolist())
         self._prefilled(req, lo, hi, logits[-1], done)
 
     def _prefilled(self, req: Request, lo: int, hi: int, last: torch.Tensor, done: list[Request]) -> None:
@@ -210,13 +217,12 @@ class Engine:
             req.t_first = time.monotonic()
             self._accept(req, last, done)
 
-    def _together(self, prefilling: list[Request], reqs: list[Request], done: list[Request]) -> None:
+    def _forward(self, prefilling: list[Request], reqs: list[Request], done: list[Request]) -> None:
         """Prompt chunks and the decoding sequences in one forward (:meth:`Transformer.step`): the
-        weights are read once for all of them. While others decode, one request's chunk of up to
-        ``interleave_chunk`` tokens (measured: more prompt tokens per step raise everyone's p99
-        inter-token latency more than they save); otherwise the oldest requests' chunks, up to
-        ``prefill_chunk`` tokens in all."""
-        budget = self.interleave_chunk if reqs else self.prefill_chunk
+        weights are read once for all of them. While others decode, one request's chunk (measured:
+        more prompt tokens per step raise everyone's p99 inter-token latency more than they save);
+        otherwise the oldest requests' chunks, up to ``prefill_chunk`` tokens in all."""
+        budget = self.prefill_chunk
         parts = []
         for r in prefilling[:1] if reqs else prefilling:
             if budget <= 0 or r.prompt_logprobs:
@@ -225,30 +231,24 @@ class Engine:
             hi = min(len(r.prompt), lo + budget)
             parts.append((r, lo, hi))
             budget -= hi - lo
-        if reqs:
-            tokens, positions = self._decode_inputs(reqs)
-        else:
-            tokens, positions = torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        tokens, positions = self._decode_inputs(reqs)
         chunks = [(torch.tensor(r.prompt[lo:hi], device=self.device), lo, r.slot) for r, lo, hi in parts]
-        logits, lasts = self.model.step(tokens[:, 0].to(self.device), positions.to(self.device), chunks)
+        logits, lasts = self.model.step(tokens.to(self.device), positions.to(self.device), chunks)
         for (r, lo, hi), last in zip(parts, lasts):
             self._prefilled(r, lo, hi, last, done)
         self._decoded(reqs, logits, done)
 
     def _decode_inputs(self, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = max(r.slot for r in reqs) + 1
-        tokens = torch.zeros(rows, 1, dtype=torch.long)
+        """The last token and position of each decode row ``0..max slot``."""
+        rows = max((r.slot + 1 for r in reqs), default=0)
+        tokens = torch.zeros(rows, dtype=torch.long)
         # rows without a decoding sequence write to position ctx-1, which no sequence ever reaches:
         # prompt + max_gen_len <= ctx, and the last sampled token is never fed back
         positions = torch.full((rows,), self.ctx - 1, dtype=torch.long)
         for r in reqs:
-            tokens[r.slot, 0] = r.tokens[-1]
+            tokens[r.slot] = r.tokens[-1]
             positions[r.slot] = len(r.prompt) + len(r.tokens) - 1
         return tokens, positions
-
-    def _decode(self, reqs: list[Request], done: list[Request]) -> None:
-        tokens, positions = self._decode_inputs(reqs)
-        self._decoded(reqs, self.model(tokens.to(self.device), positions.to(self.device))[:, -1], done)
 
     def _decoded(self, reqs: list[Request], logits: torch.Tensor, done: list[Request]) -> None:
         for r in reqs:

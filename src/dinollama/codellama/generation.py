@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .engine import Engine, Request
+from .engine import Engine, Request, check_fits_context
 from .model import Transformer
 from .prompts import Message, chat_prompt_tokens, infilling_prompt_tokens
 from .sampling import SamplingParams, sample
@@ -31,15 +31,9 @@ class Generator:
 
     def check_length(self, prompts: list[list[int]], max_gen_len: int) -> int:
         """Prompt + ``max_gen_len`` tokens, or a ``ValueError`` with the counts when over the context."""
-        if not prompts or any(len(p) == 0 for p in prompts):
+        if not prompts:
             raise ValueError("every prompt needs at least one token")
-        total = max(len(p) for p in prompts) + max_gen_len
-        if total > self.model.params.max_seq_len:
-            raise ValueError(
-                f"prompt ({max(len(p) for p in prompts)} tokens) + max_gen_len ({max_gen_len}) = {total} exceeds the "
-                f"context of {self.model.params.max_seq_len} tokens; shorten the prompt or lower max_gen_len"
-            )
-        return total
+        return max(check_fits_context(len(p), max_gen_len, self.model.params.max_seq_len) for p in prompts)
 
     def engine(self, prompts: list[list[int]], p: SamplingParams) -> Engine:
         """An engine with a slot per prompt and a cache just long enough for them."""

@@ -109,8 +109,7 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
         self.wqkv: nn.Module | None = None
 
-    def forward(self, x: Tensor, freqs_cis: Tensor, start_pos: int | Tensor | Step, row: int = 0,
-                mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, freqs_cis: Tensor, start_pos: int | Step, row: int = 0) -> Tensor:
         b, t, _ = x.shape
         if self.wqkv is not None:  # fused by optimize_for_inference: one projection instead of three
             q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2, dim=-1)
@@ -123,10 +122,6 @@ class Attention(nn.Module):
         if isinstance(start_pos, Step):
             return self.wo(self._step_attention(q, k, v, start_pos))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if isinstance(start_pos, Tensor):  # one token per row, each at its own position
-            self.cache.update_at(start_pos, k, v)
-            out = self._decode_attention(q, *self.cache.read(b, 0, mask.shape[-1], q.dtype), mask)
-            return self.wo(out.transpose(1, 2).reshape(b, t, -1))
         if self.cache is not None:
             self.cache.update(start_pos, k, v, row)
         if self.cache is not None and t == 1 and start_pos > 0 and not self.cache.quantized:
@@ -181,9 +176,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x: Tensor, freqs_cis: Tensor, start_pos: int | Tensor | Step, row: int = 0,
-                mask: Tensor | None = None) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos, row, mask)
+    def forward(self, x: Tensor, freqs_cis: Tensor, start_pos: int | Step, row: int = 0) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos, row)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -251,21 +245,16 @@ class Transformer(nn.Module):
             layer.attention.cache = None
         self.max_batch = self.cache_len = 0
 
-    def _hidden(self, tokens: Tensor, start_pos: int | Tensor, row: int = 0) -> Tensor:
+    def _hidden(self, tokens: Tensor, start_pos: int, row: int = 0) -> Tensor:
         h = self.tok_embeddings(tokens)
         if self.freqs_cis.device != h.device:
             self.freqs_cis = self.freqs_cis.to(h.device)
-        mask = None
-        if isinstance(start_pos, Tensor):  # row i's one token at start_pos[i]
-            freqs = self.freqs_cis[start_pos][:, None]
-            mask = self._row_mask(start_pos, h.dtype)
-        else:
-            freqs = self.freqs_cis[start_pos : start_pos + tokens.shape[1]]
+        freqs = self.freqs_cis[start_pos : start_pos + tokens.shape[1]]
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(layer, h, freqs, start_pos, use_reentrant=False)
             else:
-                h = layer(h, freqs, start_pos, row, mask)
+                h = layer(h, freqs, start_pos, row)
         return h
 
     def _row_mask(self, positions: Tensor, dtype: torch.dtype) -> Tensor:
@@ -292,28 +281,24 @@ class Transformer(nn.Module):
                     [(s, row, c.shape[0]) for c, s, row in chunks])
         for layer in self.layers:
             h = layer(h, freqs, plan)
-        ends = torch.tensor([c.shape[0] for c, _, _ in chunks], device=h.device).cumsum(0) + n - 1
+        ends = torch.tensor([c.shape[0] for c, _, _ in chunks], dtype=torch.long, device=h.device).cumsum(0) + n - 1
         logits = self.output(self.norm(torch.cat([h[0, :n], h[0, ends]]))).float()
         return logits[:n], logits[n:]
 
-    def forward(self, tokens: Tensor, start_pos: int | Tensor = 0, *, train: bool = False, last_only: bool = False,
+    def forward(self, tokens: Tensor, start_pos: int = 0, *, train: bool = False, last_only: bool = False,
                 row: int = 0) -> Tensor:
         """Logits for ``tokens`` placed at ``start_pos`` of the cached sequence (float32, as the reference).
 
         Any chunk at any ``start_pos`` is exact (prefill a long prompt chunk by chunk); ``last_only``
         computes the logits of the last position only, so a long prefill never holds chunk x vocab
-        floats. ``row`` places a batch at cache rows ``row..`` (a slot of the serving engine). A tensor
-        ``start_pos`` of shape ``(B,)`` decodes one token per cache row ``i`` at its own position
-        ``start_pos[i]`` (continuous batching). ``train=True`` is ``forward_train`` through
-        ``__call__``, so DDP/FSDP wrappers see the call.
+        floats. ``row`` places a batch at cache rows ``row..`` (a slot of the serving engine; rows at
+        different positions decode together through :meth:`step`). ``train=True`` is ``forward_train``
+        through ``__call__``, so DDP/FSDP wrappers see the call.
         """
         if train:
             return self.forward_train(tokens)
         b, t = tokens.shape
-        if isinstance(start_pos, Tensor):
-            if t != 1 or start_pos.shape != (b,) or b > self.max_batch or int(start_pos.max()) >= self.cache_len:
-                raise ValueError("per-row positions take one token per row inside the KV cache; call setup_cache first")
-        elif self.max_batch < row + b or start_pos + t > self.cache_len:
+        if self.max_batch < row + b or start_pos + t > self.cache_len:
             if start_pos or row:
                 raise ValueError(f"no KV cache holds positions {start_pos}..{start_pos + t}; call setup_cache first")
             # An implicit cache covers the prompt and room to continue, not the whole context.

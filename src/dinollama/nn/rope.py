@@ -15,9 +15,7 @@ def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0) -> Ten
 
 
 def apply_rotary_emb(x: Tensor, freqs_cis: Tensor) -> Tensor:
-    """Rotate ``x`` of shape ``(B, T, H, hd)`` by ``freqs_cis`` ``(T, hd/2)``, or ``(B, T, hd/2)`` for rows
-    at their own positions; math in fp32 as the reference."""
+    """Rotate ``x`` of shape ``(B, T, H, hd)`` by ``freqs_cis`` ``(T, hd/2)``; math in fp32 as the reference."""
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    freqs = freqs_cis[:, :, None, :] if freqs_cis.dim() == 3 else freqs_cis[None, :, None, :]
-    rotated = torch.view_as_real(xc * freqs).flatten(3)
+    rotated = torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(3)
     return rotated.type_as(x)

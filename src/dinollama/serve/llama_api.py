@@ -23,9 +23,8 @@ def infill_prompt(state: State, body: InfillRequest, n_predict: int) -> tuple[li
     fit), then ``<s> <PRE> prefix+prompt <SUF>suffix <MID>``, cutting the prefix's head and the
     suffix's tail to fit; returns the tokens and whether anything was cut."""
     tok = state.tokenizer
-    state.infill_tokens("", "")  # 501 when the model cannot infill
-    prefix = tok.encode(body.input_prefix, False, False) + tok.encode_infilling(body.prompt) if body.prompt \
-        else tok.encode(body.input_prefix, False, False)
+    state.require_infilling()
+    prefix = tok.encode(body.input_prefix, False, False) + (tok.encode_infilling(body.prompt) if body.prompt else [])
     suffix = tok.encode_infilling(body.input_suffix)
     extra: list[int] = []
     for chunk in body.input_extra:

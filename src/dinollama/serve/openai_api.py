@@ -90,9 +90,10 @@ def register(router: APIRouter, state: State) -> None:
     async def completions(body: CompletionRequest, http: HttpRequest):
         state.require_ready()
         prompts, texts, infill = [], [], []
-        if len(_prompts(body)) * body.n > MAX_SEQUENCES:
-            raise ApiError(400, f"{len(_prompts(body))} prompts x n={body.n} is over {MAX_SEQUENCES} sequences per request")
-        for p in _prompts(body):
+        given = _prompts(body)
+        if len(given) * body.n > MAX_SEQUENCES:
+            raise ApiError(400, f"{len(given)} prompts x n={body.n} is over {MAX_SEQUENCES} sequences per request")
+        for p in given:
             if body.suffix is not None:
                 if not isinstance(p, str):
                     raise ApiError(400, "suffix needs a text prompt (the prefix)")
@@ -117,9 +118,11 @@ def register(router: APIRouter, state: State) -> None:
         if body.stream:
             include_usage = bool((getattr(body, "stream_options", None) or {}).get("include_usage"))
 
+            echoed = [not e for e in echo]  # the prompt text goes before the first piece
+
             def events(i: int, r: Request, delta: str) -> list[dict]:
-                if echo[i] and r.t_first and not getattr(r, "_echoed", False):
-                    r._echoed = True
+                if not echoed[i]:
+                    echoed[i] = True
                     delta = texts[i // body.n] + delta
                 choice = {"text": delta, "index": i, "logprobs": None,
                           "finish_reason": FINISH.get(r.finish_reason) if r.finished else None}

@@ -4,6 +4,7 @@ every route shares to queue requests and wait for or stream their tokens."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -39,7 +40,6 @@ class ServeConfig:
     max_body_mb: float = 20.0
     max_images: int = 16
     prefill_chunk: int = 512
-    interleave_chunk: int = 512
 
 
 @dataclass
@@ -95,12 +95,14 @@ class State:
         except ValueError as e:
             raise ApiError(400, str(e).replace("max_gen_len", "max_tokens")) from None
 
-    def infill_tokens(self, prefix: str, suffix: str) -> list[int]:
-        tok = self.tokenizer
-        if not tok.supports_infilling:
+    def require_infilling(self) -> None:
+        if not self.tokenizer.supports_infilling:
             raise ApiError(501, "this model has no infilling pieces (▁<PRE>/▁<SUF>/▁<MID>/▁<EOT>): infilling needs "
                                 "Code Llama 7B/13B base or instruct")
-        return infilling_prompt_tokens(tok, prefix, suffix)
+
+    def infill_tokens(self, prefix: str, suffix: str) -> list[int]:
+        self.require_infilling()
+        return infilling_prompt_tokens(self.tokenizer, prefix, suffix)
 
     def prompt_tokens(self, prompt: str | list[int]) -> tuple[list[int], bool]:
         """Tokens of a completion prompt and whether it is an infilling prompt (the text template of
@@ -202,8 +204,6 @@ class State:
 
 
 def _sse(obj: dict) -> str:
-    import json
-
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 

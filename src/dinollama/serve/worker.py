@@ -57,16 +57,7 @@ class EngineWorker:
                 self.engine.step()
             except Exception:
                 log.exception("engine step failed")
-                self._fail_active()
-
-    def _fail_active(self) -> None:
-        for slot, r in enumerate(self.engine.active):
-            if r is not None:
-                self.engine.active[slot] = None
-                self.engine.held[slot] = []
-                r.finish_reason = "error"
-                if r.on_update is not None:
-                    r.on_update(r)
+                self.engine.abort()
 
 
 class Progress:
