@@ -39,3 +39,14 @@ def rank_world() -> tuple[int, int]:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def teardown() -> None:
+    """Leave the process group before the interpreter exits.
+
+    A gloo group still alive at exit can abort a process ("terminate called without an active
+    exception") after its work is done, which torchrun reports as a failed run. No barrier here:
+    after an error on one rank the others must not wait for it.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -111,8 +111,6 @@ def _write(args, result: dict, lines: list[str]) -> int:
             Path(args.report).parent.mkdir(parents=True, exist_ok=True)
             Path(args.report).write_text(json.dumps(result, indent=2))
         print("\n".join(lines))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
     return 0
 
 

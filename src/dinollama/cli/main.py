@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from ..data import ImageLoadError
+    from ..distributed import teardown
     from ..dinov2.train import TrainingError
     from ..io import CheckpointError, OfflineError
     from ..memory import keep_freed_memory
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        teardown()
 
 
 def _one_line(e: BaseException, width: int = 400) -> str:

@@ -105,8 +105,6 @@ def cmd_embed(args) -> int:
         print(f"{len(result.paths)} images -> {', '.join(map(str, written))}; {len(result.failed)} failed")
         for msg in result.failed.values():
             print(f"  failed: {msg}", file=sys.stderr)
-    if world > 1:
-        torch.distributed.destroy_process_group()
     return 0
 
 
