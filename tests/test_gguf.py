@@ -72,8 +72,11 @@ def test_quantized_tensors_equal_ggufs_dequantizer(name, tmp_path):
     q = quant_from_gguf(t)
     assert isinstance(q, QuantLinear) and q.config.group_size == 32
     assert np.abs(q.dequantize().numpy() - ref).max() <= 1e-6 * np.abs(ref).max()  # the file's codes, as stored
-    x = torch.randn(2, 256)
+    x = torch.randn(12, 256)  # prefill rows: the weights' own product
     torch.testing.assert_close(q(x), x @ torch.from_numpy(ref).t(), atol=1e-3, rtol=1e-4)
+    # decode rows: the native kernel rounds the activations to int8 per block of 32, as llama.cpp does
+    exact = x[:2] @ torch.from_numpy(ref).t()
+    assert (q(x[:2]) - exact).abs().max() <= 2e-2 * exact.abs().max(), q.kernel(x[:2])
 
 
 _D_OFFSETS = {"Q6_K": (208,), "Q4_K": (0, 2)}  # where each 256-weight block keeps its float16 scale(s)

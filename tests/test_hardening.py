@@ -136,6 +136,8 @@ FAST_PATH_TESTS = [
     "tests/test_vision_int8.py::test_int8_vit_is_close_to_fp32",
     "tests/test_quant.py::test_quant_linear_equals_the_dequantized_product",
     "tests/test_long_context.py::test_chunked_prefill_equals_one_pass",
+    "tests/test_native.py::test_optimized_model_decodes_as_the_plain_one",
+    "tests/test_native.py::test_a_serving_step_equals_the_torch_path",
 ]
 
 

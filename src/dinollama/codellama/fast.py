@@ -1,7 +1,8 @@
-"""Decode-speed rewrite for CPU: oneDNN pre-packed weights for every projection.
+"""Decode-speed rewrite for CPU: fused projections, and linears that stream their weights fast.
 
-Batch-1 decoding is a chain of matrix-vector products; MKL's GEMV on this class of CPU reaches
-about half the bandwidth oneDNN does with a packed weight layout (measured in bench/).
+Batch-1 decoding is a chain of matrix-vector products bound by the bytes of weight read. Where the
+native kernels of :mod:`dinollama.nn.native` run, decoding rows go to them (f32/bf16/f16 near the
+memory bandwidth; MKL's GEMV reaches about half of it in 16 bits); else oneDNN's pre-packed weights.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn import onednn_available, pack_linears
+from ..nn import decode_linears, native, onednn_available, pack_linears
 from .model import Transformer
 from .quant import QuantLinear, cat_quant
 
@@ -37,12 +38,16 @@ def fuse_projections(model: Transformer) -> Transformer:
 def optimize_for_inference(model: Transformer, rows_hint: int = 1) -> Transformer:
     """Pack the linear weights of ``model`` in place (CPU only; a no-op elsewhere).
 
-    The input projections are stacked (wq/wk/wv, w1/w3) and, on CPU, packed for oneDNN. The result
-    serves generation and forward passes but no longer has Meta's ``state_dict``: export or train
-    the unoptimised model.
+    The input projections are stacked (wq/wk/wv, w1/w3). On CPU the float linears become
+    :class:`~dinollama.nn.DecodeLinear` where the native kernels run (``native.isa()``), else
+    oneDNN-packed. The result serves generation and forward passes but no longer has Meta's
+    ``state_dict``: export or train the unoptimised model.
     """
     model.eval().requires_grad_(False)
     fuse_projections(model)
-    if model.tok_embeddings.weight.device.type == "cpu" and onednn_available():
-        pack_linears(model, rows_hint)
+    if model.tok_embeddings.weight.device.type == "cpu":
+        if native.isa() != "off":
+            decode_linears(model)
+        elif onednn_available():
+            pack_linears(model, rows_hint)
     return model

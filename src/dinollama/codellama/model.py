@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from ..nn import RMSNorm, SwiGLU, apply_rotary_emb, precompute_freqs_cis
+from ..nn import RMSNorm, SwiGLU, apply_rotary_emb, native, precompute_freqs_cis
 from .kvcache import KVCache, cached_attention, check_fits, plan_memory
 
 
@@ -111,6 +111,8 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, freqs_cis: Tensor, start_pos: int | Step, row: int = 0) -> Tensor:
         b, t, _ = x.shape
+        if self._native_decode(x, start_pos):
+            return self._decode_step(x, freqs_cis, start_pos, row)
         if self.wqkv is not None:  # fused by optimize_for_inference: one projection instead of three
             q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2, dim=-1)
         else:
@@ -131,6 +133,32 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=self.n_kv != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _native_decode(self, x: Tensor, start_pos: int | Step) -> bool:
+        """One token per sequence, nothing else in the step: the fused native ops of a decode step run it."""
+        if self.wqkv is None or self.cache is None or self.cache.quantized or not native.fusable(x):
+            return False
+        if isinstance(start_pos, Step):
+            return not start_pos.chunks
+        return x.shape[1] == 1 and start_pos > 0
+
+    def _decode_step(self, x: Tensor, freqs_cis: Tensor, start_pos: int | Step, row: int) -> Tensor:
+        """The decode rows of ``x`` in a handful of calls: projection, RoPE in place on q and k, the cache
+        write, attention over each row's cache (fp32 inside), output projection."""
+        hd, n_q, n_kv = self.head_dim, self.n_heads, self.n_kv
+        qkv = self.wqkv(x).view(-1, (n_q + 2 * n_kv) * hd)
+        native.rope_qk_(qkv, n_q + n_kv, hd, freqs_cis)
+        n = qkv.shape[0]
+        q = qkv[:, : n_q * hd].view(n, n_q, hd)
+        k, v = (qkv[:, (n_q + i * n_kv) * hd : (n_q + (i + 1) * n_kv) * hd].view(n, n_kv, 1, hd) for i in (0, 1))
+        if isinstance(start_pos, Step):
+            self.cache.update_at(start_pos.positions, k, v)
+            lengths, row = start_pos.positions + 1, 0
+        else:
+            self.cache.update(start_pos, k, v, row)
+            lengths = torch.full((n,), start_pos + 1, dtype=torch.long)
+        out = native.decode_attention(q, self.cache.k, self.cache.v, lengths, row)
+        return self.wo(out.view(*x.shape[:2], -1))
 
     def _step_attention(self, q: Tensor, k: Tensor, v: Tensor, plan: Step) -> Tensor:
         """``(1, n + sum(lengths), H, hd)`` tokens of a :class:`Step`: the decode rows against their own

@@ -6,8 +6,10 @@ asymmetric int4 is Q4_1 (``w = d * u + m``). Scales (and minima) are float16, on
 1.06 bytes per weight for int8/32, 0.56 for int4/32 (0.62 asymmetric).
 
 Kernels (picked in :meth:`QuantLinear.kernel`, forced to the generic one by
-``DINOLLAMA_KERNELS=generic``): int8 per channel -> ``torch._weight_int8pack_mm``; int4 ->
-``torch._weight_int4pack_mm_for_cpu`` on CPU; anything else dequantizes the weight for ``F.linear``.
+``DINOLLAMA_KERNELS=generic``): up to 8 rows (decoding), int8 and symmetric int4 run the native
+integer dot products of :mod:`dinollama.nn.native`; otherwise int8 per channel ->
+``torch._weight_int8pack_mm``, int4 -> ``torch._weight_int4pack_mm_for_cpu`` on CPU, and anything
+else (prefill of grouped int8) dequantizes the weight for ``F.linear``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..nn import native
 from ..nn.kernels import cpu_kernels
 
 LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
@@ -127,9 +130,11 @@ class QuantLinear(nn.Module):
         return sum(b.nbytes for b in (self.qweight, self.scales, self.mins) if b is not None)
 
     def kernel(self, x: Tensor) -> str:
-        """Which kernel runs ``x``: ``int8pack``, ``int4pack`` or ``generic`` (dequantize + ``F.linear``)."""
+        """Which kernel runs ``x``: ``native``, ``int8pack``, ``int4pack`` or ``generic`` (dequantize + ``F.linear``)."""
         if x.device.type != "cpu" or cpu_kernels().mode == "generic" or x.dtype not in (torch.float32, torch.bfloat16):
             return "generic"
+        if self.config.symmetric and native.usable(x):
+            return "native"
         if self.config.bits == 8 and self.config.group_size == 0:
             return "int8pack"
         if self.config.bits == 4 and self.out_features % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
@@ -149,6 +154,8 @@ class QuantLinear(nn.Module):
         kind = self.kernel(x)
         if kind == "generic":
             return F.linear(x, self.dequantize(x.dtype))
+        if kind == "native":
+            return native.gemv(x, self.qweight, self.scales, "q8" if self.config.bits == 8 else "q4")
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if kind == "int8pack":

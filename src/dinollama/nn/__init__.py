@@ -1,7 +1,7 @@
 """Transformer parts shared by the DINOv2 and Code Llama families."""
 
 from .attention import Attention, sdpa, self_attention
-from .fast import PackedLinear, bmm_attention, onednn_available, pack_linears
+from .fast import DecodeLinear, PackedLinear, bmm_attention, decode_linears, onednn_available, pack_linears
 from .layers import DropPath, LayerScale, Mlp, RMSNorm, SwiGLU, SwiGLUFused, swiglu_hidden_dim
 from .rope import apply_rotary_emb, precompute_freqs_cis
 
@@ -10,6 +10,7 @@ __all__ = [
     "DropPath",
     "LayerScale",
     "Mlp",
+    "DecodeLinear",
     "PackedLinear",
     "RMSNorm",
     "SwiGLU",
@@ -17,6 +18,7 @@ __all__ = [
     "apply_rotary_emb",
     "bmm_attention",
     "onednn_available",
+    "decode_linears",
     "pack_linears",
     "precompute_freqs_cis",
     "sdpa",

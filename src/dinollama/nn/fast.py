@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import native
 from .kernels import cpu_kernels, notice
 
 
@@ -97,6 +98,36 @@ def pack_linears(module: nn.Module, rows_hint: int = 2048) -> nn.Module:
             setattr(module, name, PackedLinear(child, rows_hint))
         else:
             pack_linears(child, rows_hint)
+    return module
+
+
+class DecodeLinear(nn.Module):
+    """A bias-free inference linear: up to :data:`~dinollama.nn.native.MAX_ROWS` rows (decoding) run the
+    native matrix-vector kernel, which streams the plain weight near the memory bandwidth in f32, bf16
+    and f16; more rows (prefill) run ``F.linear``, as fast as a packed layout at hundreds of rows."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("DecodeLinear has no bias")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", linear.weight.detach().contiguous(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return native.gemv(x, self.weight) if native.usable(x) else F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel=native gemv / F.linear"
+
+
+def decode_linears(module: nn.Module) -> nn.Module:
+    """Replace every bias-free CPU ``nn.Linear`` in ``module`` by a :class:`DecodeLinear`, in place."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear) and child.bias is None and child.weight.device.type == "cpu":
+            can_pack(child.weight.dtype, child.weight.device)  # its notice: prefill in 16 bits is slow without native support
+            setattr(module, name, DecodeLinear(child))
+        else:
+            decode_linears(child)
     return module
 
 

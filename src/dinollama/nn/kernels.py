@@ -45,8 +45,11 @@ class CpuKernels:
             dtype == torch.float16 and self.native_fp16)
 
     def describe(self) -> str:
+        from . import native  # it builds on this module
+
         forced = f" (forced by {ENV}={self.mode})" if self.mode != "auto" else ""
-        return (f"cpu kernels: ATen {self.capability}, oneDNN packing {'on' if self.onednn else 'off'}, "
+        return (f"cpu kernels: native decode {native.isa()}, ATen {self.capability}, "
+                f"oneDNN packing {'on' if self.onednn else 'off'}, "
                 f"native bf16 {'yes' if self.native_bf16 else 'no'}, native fp16 {'yes' if self.native_fp16 else 'no'}, "
                 f"int8 matmul {'yes' if self.int8_matmul else 'no'}{forced}")
 
@@ -65,11 +68,20 @@ def _mkldnn_check(name: str) -> bool:
 
 
 def cpu_kernels() -> CpuKernels:
-    """The CPU's kernel choices under the current ``DINOLLAMA_KERNELS`` setting."""
-    mode = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    """The CPU's kernel choices under the current ``DINOLLAMA_KERNELS`` setting (asked per layer call
+    while decoding, so a setting seen before costs one lookup)."""
+    raw = os.environ.get(ENV)
+    known = _BY_SETTING.get(raw)
+    if known is not None:
+        return known
+    mode = (raw or "auto").strip().lower() or "auto"
     if mode not in MODES:
         raise ValueError(f"{ENV}={mode!r}: use one of {', '.join(MODES)}")
-    return _detect(mode)
+    _BY_SETTING[raw] = _detect(mode)
+    return _BY_SETTING[raw]
+
+
+_BY_SETTING: dict[str | None, CpuKernels] = {}
 
 
 _CACHE: dict[str, CpuKernels] = {}

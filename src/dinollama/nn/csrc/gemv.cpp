@@ -1,0 +1,592 @@
+// Few-row matrix products for CPU decoding: y[m, n] = sum_k x[m, k] * W[n, k], with M (rows of x)
+// small and W streamed from memory once per call. Decoding is bound by the bytes of W it reads; the
+// stock torch kernels reach half of the bandwidth or less for these shapes and have no int8-in-groups
+// product at all.
+//
+// Weights: f32, bf16, f16 (x in f32, fp32 accumulation), Q8 (int8 codes, one fp16 scale per group
+// of G, G a multiple of 32) and Q4 (nibbles 0..15 stored pairwise, element 2j in the low half of
+// byte j, w = d * (u - 8)). For Q8/Q4 each 32-block of x is rounded to int8 with its own scale, as
+// llama.cpp does, and the products are integer dot products (AVX-512 VNNI, or AVX2's maddubs).
+//
+// Every instruction-set path has a scalar twin; the caller's `isa` is clamped to what this CPU
+// has, so a missing instruction means a slower path, never a crash.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define DL_X86 1
+#define T2 __attribute__((target("avx2,fma,f16c")))
+#define T512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+#endif
+
+namespace {
+
+enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+enum WType : int64_t { kF32 = 0, kBF16 = 1, kF16 = 2, kQ8 = 3, kQ4 = 4 };
+constexpr int kBlock = 32;  // elements per activation scale
+constexpr int kRows = 4;
+// Software prefetch distance in bytes of the weight stream: the hardware prefetcher alone leaves
+// 10-15% of one core's bandwidth unused on these row-by-row streams (measured, bench/codellama_gguf.py).
+#ifndef DL_AHEAD
+#define DL_AHEAD 8192
+#endif    // rows of x per pass over a weight row (accumulators in registers)
+
+int64_t detect_isa() {
+#ifdef DL_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma"))
+    return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;  // F16C comes with both
+#endif
+  return kScalar;
+}
+
+inline float half_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
+inline float bf16_to_float(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// ---- float weights ------------------------------------------------------------------------------
+
+template <WType T>
+inline float load_scalar(const void* w, int64_t i) {
+  if constexpr (T == kF32) return static_cast<const float*>(w)[i];
+  else if constexpr (T == kBF16) return bf16_to_float(static_cast<const uint16_t*>(w)[i]);
+  else return half_to_float(static_cast<const uint16_t*>(w)[i]);
+}
+
+template <WType T>
+void float_scalar(const float* x, int64_t M, int64_t K, const void* w, float* y, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += load_scalar<T>(w, n * K + k) * x[m * K + k];
+      y[m * N + n] = acc;
+    }
+}
+
+#ifdef DL_X86
+template <WType T>
+T2 inline __m256 load8(const void* w, int64_t i) {
+  if constexpr (T == kF32) return _mm256_loadu_ps(static_cast<const float*>(w) + i);
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + i));
+  if constexpr (T == kBF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  else return _mm256_cvtph_ps(h);
+}
+
+T2 inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <WType T, int MB>
+T2 void float_avx2(const float* x, int64_t K, const void* w, float* y, int64_t N, int64_t n0, int64_t n1) {
+  constexpr int64_t esz = T == kF32 ? 4 : 2;
+  for (int64_t n = n0; n < n1; ++n) {
+    __m256 a0[MB], a1[MB];
+    for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
+    const char* ahead = static_cast<const char*>(w) + n * K * esz + DL_AHEAD;
+    for (int64_t k = 0; k < K; k += 16) {
+      if (esz == 4 || k % 32 == 0) _mm_prefetch(ahead + k * esz, _MM_HINT_T0);
+      const __m256 w0 = load8<T>(w, n * K + k), w1 = load8<T>(w, n * K + k + 8);
+      for (int m = 0; m < MB; ++m) {
+        a0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), a0[m]);
+        a1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + k + 8), a1[m]);
+      }
+    }
+    for (int m = 0; m < MB; ++m) y[m * N + n] = hsum8(_mm256_add_ps(a0[m], a1[m]));
+  }
+}
+
+template <WType T>
+T512 inline __m512 load16(const void* w, int64_t i) {
+  if constexpr (T == kF32) return _mm512_loadu_ps(static_cast<const float*>(w) + i);
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(w) + i));
+  if constexpr (T == kBF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  else return _mm512_cvtph_ps(h);
+}
+
+template <WType T, int MB>
+T512 void float_avx512(const float* x, int64_t K, const void* w, float* y, int64_t N, int64_t n0, int64_t n1) {
+  constexpr int64_t esz = T == kF32 ? 4 : 2;
+  for (int64_t n = n0; n < n1; ++n) {
+    __m512 a0[MB], a1[MB];
+    for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
+    const char* ahead = static_cast<const char*>(w) + n * K * esz + DL_AHEAD;
+    for (int64_t k = 0; k < K; k += 32) {
+      _mm_prefetch(ahead + k * esz, _MM_HINT_T0);
+      if constexpr (esz == 4) _mm_prefetch(ahead + k * esz + 64, _MM_HINT_T0);
+      const __m512 w0 = load16<T>(w, n * K + k), w1 = load16<T>(w, n * K + k + 16);
+      for (int m = 0; m < MB; ++m) {
+        a0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + k), a0[m]);
+        a1[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + k + 16), a1[m]);
+      }
+    }
+    for (int m = 0; m < MB; ++m) y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(a0[m], a1[m]));
+  }
+}
+#endif
+
+template <WType T>
+void float_rows(const float* x, int64_t M, int64_t K, const void* w, float* y, int64_t N, int64_t n0, int64_t n1,
+                int64_t isa) {
+  for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+    const int mb = static_cast<int>(std::min<int64_t>(kRows, M - m0));
+    const float* xm = x + m0 * K;
+    float* ym = y + m0 * N;
+#ifdef DL_X86
+    if (isa == kAvx512) {
+      switch (mb) {
+        case 4: float_avx512<T, 4>(xm, K, w, ym, N, n0, n1); break;
+        case 3: float_avx512<T, 3>(xm, K, w, ym, N, n0, n1); break;
+        case 2: float_avx512<T, 2>(xm, K, w, ym, N, n0, n1); break;
+        default: float_avx512<T, 1>(xm, K, w, ym, N, n0, n1);
+      }
+      continue;
+    }
+    if (isa == kAvx2) {
+      switch (mb) {
+        case 4: float_avx2<T, 4>(xm, K, w, ym, N, n0, n1); break;
+        case 3: float_avx2<T, 3>(xm, K, w, ym, N, n0, n1); break;
+        case 2: float_avx2<T, 2>(xm, K, w, ym, N, n0, n1); break;
+        default: float_avx2<T, 1>(xm, K, w, ym, N, n0, n1);
+      }
+      continue;
+    }
+#endif
+    float_scalar<T>(xm, mb, K, w, ym, N, n0, n1);
+  }
+}
+
+// ---- quantized weights --------------------------------------------------------------------------
+
+// Round each 32-block of x to int8 with scale amax / 127. For Q4 the block is stored as its 16 even
+// elements then its 16 odd ones, the order in which a block's low and high nibbles unpack.
+void quantize_activations(const float* x, int64_t M, int64_t K, bool q4, int8_t* q, float* d, int32_t* corr) {
+  const int64_t nb = K / kBlock;
+  for (int64_t r = 0; r < M * nb; ++r) {
+    const float* src = x + r * kBlock;
+    float amax = 0.f;
+    for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(src[i]));
+    const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    d[r] = scale;
+    int32_t sum = 0;
+    for (int i = 0; i < kBlock; ++i) {
+      const int at = q4 ? (i % 2) * (kBlock / 2) + i / 2 : i;
+      q[r * kBlock + at] = static_cast<int8_t>(std::nearbyint(src[i] * inv));
+      sum += q[r * kBlock + at];
+    }
+    std::fill(corr + r * 8, corr + r * 8 + 8, 0);
+    corr[r * 8] = -8 * sum;
+  }
+}
+
+struct QuantArgs {
+  const int8_t* qx;      // (M, K) int8 activations
+  const float* dx;       // (M, K / 32) their scales
+  const int32_t* corr;   // (M, K / 32, 8): -8 * the block's sum in lane 0 (the Q4 offset), zeros
+  int64_t K;
+  const uint8_t* w;      // (N, K) int8 or (N, K / 2) nibble pairs
+  const uint16_t* ws;    // (N, K / G) fp16 weight scales
+  int64_t G;
+  float* y;
+  int64_t N;
+};
+
+template <bool Q4>
+inline int block_code(const uint8_t* row, int64_t b, int i) {  // element i of block b, as a signed value
+  if constexpr (Q4) {
+    const uint8_t byte = row[b * (kBlock / 2) + i % (kBlock / 2)];
+    return (i < kBlock / 2 ? (byte & 15) : (byte >> 4)) - 8;  // the deinterleaved order of the activations
+  } else {
+    return static_cast<int8_t>(row[b * kBlock + i]);
+  }
+}
+
+template <bool Q4>
+void quant_scalar(const QuantArgs& a, int64_t M, int64_t n0, int64_t n1) {
+  const int64_t nb = a.K / kBlock, ng = a.K / a.G, per = a.G / kBlock;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = a.w + n * (Q4 ? a.K / 2 : a.K);
+    for (int64_t m = 0; m < M; ++m) {
+      float acc = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        int32_t dot = 0;
+        for (int i = 0; i < kBlock; ++i) dot += block_code<Q4>(row, b, i) * a.qx[(m * nb + b) * kBlock + i];
+        acc += half_to_float(a.ws[n * ng + b / per]) * a.dx[m * nb + b] * static_cast<float>(dot);
+      }
+      a.y[m * a.N + n] = acc;
+    }
+  }
+}
+
+#ifdef DL_X86
+// One block's integer product as 8 int32 lanes. Q8: |w| . (x * sign(w)) (unsigned x signed bytes, what
+// both maddubs and VNNI take). Q4: the nibbles u are unsigned already, and (u - 8) . x = u . x - 8 sum(x)
+// comes from `corr`, a vector holding -8 sum(x) in its first lane.
+#define DL_BLOCK_DOT(NAME, ATTR, UDOT)                                                                      \
+  template <bool Q4>                                                                                        \
+  ATTR inline __m256i NAME(const uint8_t* row, int64_t b, const int8_t* x, const int32_t* corr) {           \
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));                             \
+    if constexpr (Q4) {                                                                                     \
+      const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * (kBlock / 2)));          \
+      const __m128i m4 = _mm_set1_epi8(15);                                                                 \
+      const __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(p, 4), m4), _mm_and_si128(p, m4));    \
+      return UDOT(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr)), u, xv);                       \
+    } else {                                                                                                \
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));             \
+      return UDOT(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));                 \
+    }                                                                                                       \
+  }
+
+T2 inline __m256i udot_avx2(__m256i acc, __m256i u, __m256i s) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+T512 inline __m256i udot_vnni(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
+DL_BLOCK_DOT(block_avx2, T2, udot_avx2)
+DL_BLOCK_DOT(block_vnni, T512, udot_vnni)
+
+// Each weight row's group scales are first spread to one float per block (no division in the loop);
+// two accumulators per row of x (even and odd blocks) so consecutive blocks do not wait on one FMA chain.
+#define DL_QUANT_STEP(BLOCK, B, ACC)                                                                         \
+  for (int m = 0; m < MB; ++m) {                                                                             \
+    const int64_t i = m * nb + (B);                                                                          \
+    const __m256 p = _mm256_cvtepi32_ps(BLOCK<Q4>(row, (B), qx + i * kBlock, corr + i * 8));                 \
+    ACC[m] = _mm256_fmadd_ps(p, _mm256_set1_ps(scale[B] * dx[i]), ACC[m]);                                   \
+  }
+
+#define DL_QUANT_KERNEL(NAME, ATTR, BLOCK)                                                                   \
+  template <bool Q4, int MB>                                                                                 \
+  ATTR void NAME(const QuantArgs& a, int64_t m0, int64_t n0, int64_t n1) {                                   \
+    const int64_t nb = a.K / kBlock, ng = a.K / a.G, per = a.G / kBlock;                                     \
+    const int8_t* qx = a.qx + m0 * a.K;                                                                      \
+    const float* dx = a.dx + m0 * nb;                                                                        \
+    const int32_t* corr = a.corr + m0 * nb * 8;                                                              \
+    std::vector<float> scale(nb);                                                                            \
+    for (int64_t n = n0; n < n1; ++n) {                                                                      \
+      const uint8_t* row = a.w + n * (Q4 ? a.K / 2 : a.K);                                                   \
+      for (int64_t g = 0; g < ng; ++g)                                                                       \
+        std::fill_n(scale.data() + g * per, per, _cvtsh_ss(a.ws[n * ng + g]));                               \
+      __m256 acc0[MB], acc1[MB];                                                                             \
+      for (int m = 0; m < MB; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();                                  \
+      int64_t b = 0;                                                                                         \
+      const char* ahead = reinterpret_cast<const char*>(row) + DL_AHEAD;                                     \
+      for (; b + 1 < nb; b += 2) {                                                                           \
+        _mm_prefetch(ahead + b * (Q4 ? kBlock / 2 : kBlock), _MM_HINT_T0);                                   \
+        DL_QUANT_STEP(BLOCK, b, acc0);                                                                       \
+        DL_QUANT_STEP(BLOCK, b + 1, acc1);                                                                   \
+      }                                                                                                      \
+      if (b < nb) DL_QUANT_STEP(BLOCK, b, acc0);                                                             \
+      for (int m = 0; m < MB; ++m) a.y[(m0 + m) * a.N + n] = hsum8(_mm256_add_ps(acc0[m], acc1[m]));         \
+    }                                                                                                        \
+  }
+
+DL_QUANT_KERNEL(quant_avx2, T2, block_avx2)
+DL_QUANT_KERNEL(quant_vnni, T512, block_vnni)
+#endif
+
+template <bool Q4>
+void quant_rows(const QuantArgs& a, int64_t M, int64_t n0, int64_t n1, int64_t isa) {
+#ifdef DL_X86
+  if (isa != kScalar) {
+    for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+      const int mb = static_cast<int>(std::min<int64_t>(kRows, M - m0));
+      auto run = [&](auto kernel) { kernel(a, m0, n0, n1); };
+      if (isa == kAvx512) {
+        switch (mb) {
+          case 4: run(quant_vnni<Q4, 4>); break;
+          case 3: run(quant_vnni<Q4, 3>); break;
+          case 2: run(quant_vnni<Q4, 2>); break;
+          default: run(quant_vnni<Q4, 1>);
+        }
+      } else {
+        switch (mb) {
+          case 4: run(quant_avx2<Q4, 4>); break;
+          case 3: run(quant_avx2<Q4, 3>); break;
+          case 2: run(quant_avx2<Q4, 2>); break;
+          default: run(quant_avx2<Q4, 1>);
+        }
+      }
+    }
+    return;
+  }
+#endif
+  quant_scalar<Q4>(a, M, n0, n1);
+}
+
+constexpr int64_t kGrain = 16;  // output rows per task at least: a few KB of weights
+
+torch::Tensor float_gemv(const torch::Tensor& x, const torch::Tensor& w, int64_t isa) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const void* wp = w.data_ptr();
+  const auto t = w.scalar_type();
+  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+    if (t == at::kFloat) float_rows<kF32>(xp, M, K, wp, yp, N, n0, n1, isa);
+    else if (t == at::kBFloat16) float_rows<kBF16>(xp, M, K, wp, yp, N, n0, n1, isa);
+    else float_rows<kF16>(xp, M, K, wp, yp, N, n0, n1, isa);
+  });
+  return y;
+}
+
+torch::Tensor quant_gemv(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales, bool q4,
+                         int64_t isa) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const int64_t G = K / scales.size(1);
+  std::vector<int8_t> qx(M * K);
+  std::vector<float> dx(M * (K / kBlock));
+  std::vector<int32_t> corr(M * (K / kBlock) * 8);
+  quantize_activations(x.data_ptr<float>(), M, K, q4, qx.data(), dx.data(), corr.data());
+  auto y = torch::empty({M, N}, x.options());
+  const QuantArgs a{qx.data(), dx.data(), corr.data(), K, static_cast<const uint8_t*>(w.data_ptr()),
+                    reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), G, y.data_ptr<float>(), N};
+  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+    if (q4) quant_rows<true>(a, M, n0, n1, isa);
+    else quant_rows<false>(a, M, n0, n1, isa);
+  });
+  return y;
+}
+
+// y = x @ W.T for x (M, K), in x's dtype (the product in fp32). `wtype`: 0 float weights (f32/bf16/f16,
+// by dtype), 3 Q8, 4 Q4.
+torch::Tensor gemv_f32(torch::Tensor x, torch::Tensor w, torch::Tensor scales, int64_t wtype, int64_t isa) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "gemv: the weight must be a contiguous matrix");
+  const int64_t K = x.size(1);
+  TORCH_CHECK(K % kBlock == 0, "gemv: K must be a multiple of 32, got ", K);
+  isa = std::min(isa, detect_isa());
+  if (wtype == kQ8 || wtype == kQ4) {
+    const bool q4 = wtype == kQ4;
+    TORCH_CHECK(w.scalar_type() == (q4 ? at::kByte : at::kChar), "gemv: Q8 weights are int8, Q4 weights uint8");
+    TORCH_CHECK(w.size(1) == (q4 ? K / 2 : K), "gemv: weight columns do not match K");
+    TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
+                    scales.size(0) == w.size(0) && scales.size(1) > 0 && K % scales.size(1) == 0 &&
+                    (K / scales.size(1)) % kBlock == 0,
+                "gemv: scales must be contiguous float16 (N, K / G), G a multiple of 32");
+    return quant_gemv(x, w, scales, q4, isa);
+  }
+  TORCH_CHECK(wtype == kF32, "gemv: unknown weight type ", wtype);
+  TORCH_CHECK(w.size(1) == K, "gemv: weight columns do not match K");
+  const auto t = w.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, "gemv: float weights are f32, bf16 or f16");
+  return float_gemv(x, w, isa);
+}
+
+torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scales, int64_t wtype, int64_t isa) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "gemv: CPU tensors only");
+  TORCH_CHECK(x.dim() >= 1, "gemv: x needs a last dimension");
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, "gemv: x must be f32, bf16 or f16");
+  auto x2 = x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous();
+  auto y = gemv_f32(x2, w, scales, wtype, isa);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = y.size(1);
+  return y.to(t).view(shape);
+}
+
+
+// ---- the small decode-step ops ------------------------------------------------------------------
+// At one token per step a layer's elementwise work is tiny and what costs is the number of torch ops
+// (each a few microseconds of dispatch). Each op here does in one call what the reference does in
+// several, with its numerics: math in fp32, rounded to the tensor dtype where the reference rounds.
+
+template <typename T>
+inline float to_f(T v) { return static_cast<float>(v); }
+template <typename T>
+inline T from_f(float v) { return static_cast<T>(v); }
+
+#define DL_DISPATCH(TYPE, NAME, ...) AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+
+// Llama's RMSNorm: (x * rsqrt(mean(x^2) + eps)) rounded to x's dtype, then times the weight (same dtype).
+torch::Tensor rmsnorm(torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && x.size(-1) == w.numel() && w.scalar_type() == x.scalar_type(),
+              "rmsnorm: contiguous x (..., dim) and weight (dim) of one dtype");
+  auto y = torch::empty_like(x);
+  const int64_t dim = x.size(-1), rows = x.numel() / dim;
+  DL_DISPATCH(x.scalar_type(), "rmsnorm", [&] {
+    const scalar_t *xp = x.data_ptr<scalar_t>(), *wp = w.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* xr = xp + r * dim;
+      float ss = 0.f;
+      for (int64_t i = 0; i < dim; ++i) ss += to_f(xr[i]) * to_f(xr[i]);
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(dim) + static_cast<float>(eps));
+      for (int64_t i = 0; i < dim; ++i) yp[r * dim + i] = from_f<scalar_t>(to_f(from_f<scalar_t>(to_f(xr[i]) * inv)) * to_f(wp[i]));
+    }
+  });
+  return y;
+}
+
+// Rotary embedding in place on the q and k heads of a fused projection output qkv (T, >= (H + Hkv) * d):
+// pair j of token t turns by rot[t, j] = (cos, sin) (one rot row: the same for every token), Meta's
+// interleaved layout, fp32 math.
+void rope_qk_(torch::Tensor qkv, int64_t heads, int64_t head_dim, torch::Tensor rot) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 && qkv.size(1) >= heads * head_dim && head_dim % 2 == 0,
+              "rope_qk_: qkv (T, width) with unit column stride");
+  TORCH_CHECK(rot.scalar_type() == at::kFloat && rot.is_contiguous() && rot.dim() == 3 &&
+                  (rot.size(0) == qkv.size(0) || rot.size(0) == 1) && rot.size(1) == head_dim / 2 && rot.size(2) == 2,
+              "rope_qk_: rot must be contiguous float32 (T or 1, head_dim / 2, 2)");
+  const int64_t T = qkv.size(0), half = head_dim / 2, ld = qkv.stride(0), rstep = rot.size(0) == 1 ? 0 : half;
+  DL_DISPATCH(qkv.scalar_type(), "rope_qk_", [&] {
+    scalar_t* base = qkv.data_ptr<scalar_t>();
+    const float* r = rot.data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < heads; ++h) {
+        scalar_t* v = base + t * ld + h * head_dim;
+        for (int64_t j = 0; j < half; ++j) {
+          const float c = r[(t * rstep + j) * 2], sn = r[(t * rstep + j) * 2 + 1];
+          const float a = to_f(v[2 * j]), b = to_f(v[2 * j + 1]);
+          v[2 * j] = from_f<scalar_t>(a * c - b * sn);
+          v[2 * j + 1] = from_f<scalar_t>(a * sn + b * c);
+        }
+      }
+  });
+}
+
+// silu(gate) * up for gu = [gate | up] (T, 2h): silu rounded to the dtype, then the product, as torch does.
+torch::Tensor silu_mul(torch::Tensor gu) {
+  TORCH_CHECK(gu.is_contiguous() && gu.size(-1) % 2 == 0, "silu_mul: contiguous (..., 2 * hidden)");
+  std::vector<int64_t> shape(gu.sizes().begin(), gu.sizes().end());
+  const int64_t h = shape.back() / 2, rows = gu.numel() / (2 * h);
+  shape.back() = h;
+  auto y = torch::empty(shape, gu.options());
+  DL_DISPATCH(gu.scalar_type(), "silu_mul", [&] {
+    const scalar_t* g = gu.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < h; ++i) {
+        const float a = to_f(g[r * 2 * h + i]);
+        yp[r * h + i] = from_f<scalar_t>(to_f(from_f<scalar_t>(a / (1.f + std::exp(-a)))) * to_f(g[r * 2 * h + h + i]));
+      }
+  });
+  return y;
+}
+
+// One query per sequence against its cache row: q (n, H, d) (a strided view is fine), cache k/v
+// (B, Hkv, L, d), row i of the batch in cache row row0 + i with lengths[i] keys. Scores, softmax and the
+// weighted sum of values all in fp32; the output (n, H * d) in q's dtype. Grouped-query heads share
+// their KV head without a copy.
+// e^x for x <= 0 (softmax after the max is subtracted), to about 2 ulp: e^x = 2^i * e^r with
+// r = x - i ln 2 in [-ln2/2, ln2/2] and a degree-6 polynomial for e^r; branch-free, so the key loop
+// vectorizes (std::exp does not, and was half of the attention time).
+inline float exp_neg(float x) {
+  x = std::max(x, -87.f);
+  const float i = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - i * 0.693359375f + i * 2.12194440e-4f;
+  float e = 1.f / 720 * r + 1.f / 120;
+  e = e * r + 1.f / 24;
+  e = e * r + 1.f / 6;
+  e = e * r + 0.5f;
+  e = e * r + 1.f;
+  e = e * r + 1.f;
+  int32_t bits;
+  std::memcpy(&bits, &e, 4);
+  bits += static_cast<int32_t>(i) << 23;
+  std::memcpy(&e, &bits, 4);
+  return e;
+}
+
+// The body of attend_one, compiled twice: for AVX2+FMA (auto-vectorized under the target attribute)
+// and for any CPU.
+#define DL_ATTEND_BODY                                                                                \
+  for (int64_t j = 0; j < d; ++j) qf[j] = to_f(q[j]);                                                 \
+  float mx = -INFINITY;                                                                               \
+  for (int64_t l = 0; l < len; ++l) {                                                                 \
+    float s = 0.f;                                                                                    \
+    _Pragma("omp simd reduction(+ : s)") for (int64_t j = 0; j < d; ++j) s += qf[j] * to_f(k[l * d + j]); \
+    p[l] = s * scale;                                                                                 \
+    mx = std::max(mx, p[l]);                                                                          \
+  }                                                                                                   \
+  float total = 0.f;                                                                                  \
+  _Pragma("omp simd reduction(+ : total)") for (int64_t l = 0; l < len; ++l) {                        \
+    p[l] = exp_neg(p[l] - mx);                                                                        \
+    total += p[l];                                                                                    \
+  }                                                                                                   \
+  for (int64_t j = 0; j < d; ++j) acc[j] = 0.f;                                                       \
+  for (int64_t l = 0; l < len; ++l) {                                                                 \
+    const float e = p[l];                                                                             \
+    _Pragma("omp simd") for (int64_t j = 0; j < d; ++j) acc[j] += e * to_f(v[l * d + j]);             \
+  }                                                                                                   \
+  for (int64_t j = 0; j < d; ++j) out[j] = from_f<Q>(acc[j] / total);
+
+template <typename Q, typename C>
+void attend_one(const Q* q, const C* k, const C* v, int64_t len, int64_t d, float scale, float* p, float* qf,
+                float* acc, Q* out) {
+  DL_ATTEND_BODY
+}
+
+#ifdef DL_X86
+template <typename Q, typename C>
+T2 void attend_one_avx2(const Q* q, const C* k, const C* v, int64_t len, int64_t d, float scale, float* p, float* qf,
+                        float* acc, Q* out) {
+  DL_ATTEND_BODY
+}
+#endif
+
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lengths, int64_t row0,
+                               int64_t isa) {
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "decode_attention: q (n, H, d) with unit last stride");
+  TORCH_CHECK(k.dim() == 4 && k.is_contiguous() && v.is_contiguous() && k.sizes() == v.sizes() &&
+                  k.scalar_type() == v.scalar_type() && k.size(3) == q.size(2),
+              "decode_attention: contiguous caches (B, Hkv, L, d) matching q");
+  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.numel() == q.size(0), "decode_attention: int64 lengths (n)");
+  const int64_t n = q.size(0), H = q.size(1), d = q.size(2), Hkv = k.size(1), L = k.size(2);
+  TORCH_CHECK(H % Hkv == 0 && row0 >= 0 && row0 + n <= k.size(0), "decode_attention: heads or rows out of range");
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(len[i] >= 1 && len[i] <= L, "decode_attention: a length is out of the cache");
+  auto out = torch::empty({n, H * d}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  DL_DISPATCH(q.scalar_type(), "decode_attention", [&] {
+    using Q = scalar_t;
+    const Q* qp = q.data_ptr<Q>();
+    Q* op = out.data_ptr<Q>();
+    DL_DISPATCH(k.scalar_type(), "decode_attention_cache", [&] {
+      using C = scalar_t;
+      const C *kp = k.data_ptr<C>(), *vp = v.data_ptr<C>();
+      const bool avx2 = std::min(isa, detect_isa()) >= kAvx2;
+      at::parallel_for(0, n * H, 1, [&](int64_t a0, int64_t a1) {
+        std::vector<float> buf(L + 2 * d);
+        for (int64_t a = a0; a < a1; ++a) {
+          const int64_t i = a / H, h = a % H, kvh = h / (H / Hkv);
+          const int64_t off = ((row0 + i) * Hkv + kvh) * L * d;
+          const Q* qa = qp + i * q.stride(0) + h * q.stride(1);
+          Q* oa = op + i * H * d + h * d;
+#ifdef DL_X86
+          if (avx2) {
+            attend_one_avx2<Q, C>(qa, kp + off, vp + off, len[i], d, scale, buf.data(), buf.data() + L, buf.data() + L + d, oa);
+            continue;
+          }
+#endif
+          attend_one<Q, C>(qa, kp + off, vp + off, len[i], d, scale, buf.data(), buf.data() + L, buf.data() + L + d, oa);
+        }
+      });
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv", &gemv, "y = x @ W.T for few rows of x (float, Q8 or Q4 weights)");
+  m.def("best_isa", &detect_isa, "0 scalar, 1 AVX2+FMA, 2 AVX-512 with VNNI");
+  m.def("rmsnorm", &rmsnorm, "Llama's RMSNorm of the last dimension");
+  m.def("rope_qk_", &rope_qk_, "rotary embedding in place on the first `heads` heads of each row");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of [gate | up]");
+  m.def("decode_attention", &decode_attention, "one query per sequence against its KV cache row");
+}

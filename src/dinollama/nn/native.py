@@ -1,0 +1,145 @@
+"""The native decode kernels (``csrc/gemv.cpp``): built once per torch version, loaded on first use.
+
+Batch-1 decoding is a chain of matrix-vector products bound by the bytes of weight read. torch has
+no int8-in-groups product at all (Q8_0 ran at 0.07x llama.cpp) and its 16-bit and int4 products
+reach half of the bandwidth or less at one row, so a small C++ extension does those rows. It is
+compiled with ``torch.utils.cpp_extension`` (``make test`` builds it during the install:
+``python -m dinollama.nn.native``) into ``$DINOLLAMA_CACHE`` or ``~/.cache/dinollama``. Its
+instruction set is picked at run time (AVX-512 VNNI, AVX2+FMA, or plain C++); where it cannot be
+built the torch kernels run instead, after a one-line notice.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .kernels import cpu_kernels, notice
+
+ISAS = ("scalar", "avx2", "avx512-vnni")  # the extension's levels, in its numbering
+MAX_ROWS = 8  # more rows than this is a matrix product: oneDNN / MKL are faster there
+_SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
+_EXT: list = []  # [module or None], once loaded or failed
+
+
+def _build_dir() -> Path:
+    root = Path(os.environ.get("DINOLLAMA_CACHE") or Path.home() / ".cache" / "dinollama")
+    tag = torch.__version__.replace("+", "_")
+    return root / "ext" / f"gemv-torch{tag}-py{sys.version_info[0]}{sys.version_info[1]}"
+
+
+def extension(build: bool = True):
+    """The compiled module, or ``None`` (with a notice) where it cannot be built or loaded."""
+    if not _EXT:
+        if not build:
+            return None
+        _EXT.append(_load())
+    return _EXT[0]
+
+
+def _ninja_on_path() -> None:
+    """torch builds with ninja from PATH; the ``ninja`` package puts its binary next to this Python,
+    which is not on PATH when the venv is not activated (``make test`` runs ``.venv/bin/python``)."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def _load():
+    from torch.utils import cpp_extension
+
+    _ninja_on_path()
+    folder = _build_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    fresh = not any(folder.glob("*.so"))
+    if fresh:
+        print("note: building dinollama's native decode kernels (once per torch version, ~30 s)", file=sys.stderr)
+    try:
+        return cpp_extension.load("dinollama_gemv", [str(_SOURCE)], build_directory=str(folder),
+                                  extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # no compiler, no ninja, a failed build: the torch kernels still work
+        first = " ".join(str(e).split())[:160]
+        notice(f"native decode kernels unavailable ({type(e).__name__}: {first}); using torch's kernels")
+        return None
+
+
+_LEVEL: dict[str, int] = {}  # per DINOLLAMA_KERNELS mode: -1 off, else an index of ISAS
+
+
+def _level() -> int:
+    kernels = cpu_kernels()
+    if kernels.mode not in _LEVEL:
+        ext = extension() if kernels.mode != "generic" else None
+        best = ext.best_isa() if ext is not None else -1
+        # torch limited to AVX2 (ATEN_CPU_CAPABILITY, or an AVX2-only CPU) or to DEFAULT limits these too
+        cap = kernels.capability.upper()
+        ceiling = 2 if cap.startswith("AVX512") and kernels.mode != "avx2" else 1 if "AVX2" in cap else 0
+        _LEVEL[kernels.mode] = min(best, ceiling)
+    return _LEVEL[kernels.mode]
+
+
+def isa() -> str:
+    """The instruction set the native kernels use here: ``avx512-vnni``, ``avx2``, ``scalar``, or ``off``.
+
+    ``DINOLLAMA_KERNELS=generic`` turns them off and ``avx2`` caps them at AVX2 (the path of AMD Zen 3
+    and most laptops), so both fallbacks can be tested on an AVX-512 machine; so does torch's own
+    ``ATEN_CPU_CAPABILITY=avx2`` (``default``: the plain C++ loops).
+    """
+    level = _level()
+    return ISAS[level] if level >= 0 else "off"
+
+
+def usable(x: Tensor) -> bool:
+    """Whether the native product takes ``x`` (CPU, at most :data:`MAX_ROWS` rows, ``K % 32 == 0``)."""
+    if x.device.type != "cpu" or x.shape[-1] % 32 or x.numel() > MAX_ROWS * x.shape[-1]:
+        return False
+    return _level() >= 0
+
+
+def gemv(x: Tensor, weight: Tensor, scales: Tensor | None = None, kind: str = "float") -> Tensor:
+    """``x @ W.T`` for a few rows of ``x``; ``kind`` ``float`` (f32/bf16/f16 weight), ``q8`` or ``q4``
+    (codes and fp16 group scales as :class:`~dinollama.codellama.quant.QuantLinear` keeps them)."""
+    return _EXT[0].gemv(x, weight, _NO_SCALES if scales is None else scales, _KINDS[kind], _level())
+
+
+def fusable(x: Tensor) -> bool:
+    """Whether the fused decode-step ops take ``x``: CPU inference (no autograd), at most :data:`MAX_ROWS` rows."""
+    return (x.device.type == "cpu" and not torch.is_grad_enabled() and x.numel() <= MAX_ROWS * x.shape[-1]
+            and _level() >= 0)
+
+
+def rmsnorm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Llama's RMSNorm in one call, with the reference's roundings (contiguous ``x``, weight of its dtype)."""
+    return _EXT[0].rmsnorm(x, weight, eps)
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """``silu(gate) * up`` of ``[gate | up]`` (the fused w1/w3 output) in one call."""
+    return _EXT[0].silu_mul(gate_up.contiguous())
+
+
+def rope_qk_(qkv: Tensor, heads: int, head_dim: int, freqs_cis: Tensor) -> None:
+    """Rotate, in place, the first ``heads`` heads of each row of ``qkv`` ``(T, width)`` by ``freqs_cis`` ``(T, d/2)``."""
+    _EXT[0].rope_qk_(qkv, heads, head_dim, torch.view_as_real(freqs_cis).contiguous())
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, row0: int = 0) -> Tensor:
+    """One query per row, ``q`` ``(n, H, d)``, against cache rows ``row0..`` of ``k``/``v`` ``(B, Hkv, L, d)``
+    holding ``lengths[i]`` keys each: ``(n, H * d)``, fp32 inside."""
+    return _EXT[0].decode_attention(q, k, v, lengths, row0, _level())
+
+
+_KINDS = {"float": 0, "q8": 3, "q4": 4}
+_NO_SCALES = torch.empty(0, 1, dtype=torch.float16)
+
+
+if __name__ == "__main__":  # python -m dinollama.nn.native: build now (the install does), say what runs
+    print(f"dinollama native decode kernels: {isa()} ({_build_dir()})")

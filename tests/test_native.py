@@ -1,0 +1,207 @@
+"""The native decode kernels (dinollama/nn/csrc/gemv.cpp) against torch: every instruction-set path this
+CPU has, the scalar one included, each weight type, odd shapes; the choice by DINOLLAMA_KERNELS; and the
+fallback to torch's kernels when the extension cannot be built."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinollama.codellama import ModelArgs, QuantConfig, QuantLinear, Transformer, optimize_for_inference, quantize
+from dinollama.nn import DecodeLinear, kernels, native
+
+EXT = native.extension()
+pytestmark = pytest.mark.skipif(EXT is None, reason="the native extension did not build here (see the notice)")
+LEVELS = list(range(EXT.best_isa() + 1)) if EXT is not None else []
+SHAPES = [(1, 64, 48), (3, 96, 17), (5, 256, 33), (8, 128, 64), (9, 32, 5)]  # (rows, K, N)
+QSHAPES = [(1, 128, 48), (3, 256, 17), (5, 384, 33), (8, 128, 64), (9, 512, 5)]  # K a multiple of every group
+
+
+def activation_reference(x: torch.Tensor, q4: bool) -> torch.Tensor:
+    """x as the kernel sees it: each 32-block rounded to int8 with scale amax / 127 (llama.cpp's Q8 activations)."""
+    m, k = x.shape
+    blocks = x.reshape(m, k // 32, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    codes = torch.round(blocks * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax)))
+    return (codes * amax / 127).reshape(m, k)
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=lambda i: native.ISAS[i])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_float_weights_equal_the_torch_product(level, shape, dtype):
+    m, k, n = shape
+    torch.manual_seed(0)
+    x, w = torch.randn(m, k), torch.randn(n, k).to(dtype)
+    got = EXT.gemv(x, w, native._NO_SCALES, 0, level)
+    ref = x.double() @ w.double().t()
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    assert (got.double() - ref).abs().max() < 1e-5 * k
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=lambda i: native.ISAS[i])
+@pytest.mark.parametrize("shape", QSHAPES, ids=str)
+@pytest.mark.parametrize("config", [QuantConfig(8, 32), QuantConfig(8, 64), QuantConfig(8, 0), QuantConfig(4, 32),
+                                    QuantConfig(4, 128)], ids=lambda c: f"int{c.bits}-g{c.group_size}")
+def test_quantized_weights_equal_the_integer_reference(level, shape, config):
+    """Exact up to float summation order against the same rounding done in torch; within the activation
+    rounding of the dequantized fp32 product."""
+    m, k, n = shape
+    torch.manual_seed(1)
+    x, lin = torch.randn(m, k), QuantLinear.from_float(torch.randn(n, k), config)
+    if config.bits == 8:
+        lin.qweight[0, :32] = -128  # GGUF files may hold it; |w| is then 128, which maddubs takes unsaturated
+    got = EXT.gemv(x, lin.qweight, lin.scales, 3 if config.bits == 8 else 4, level).double()
+    deq = lin.dequantize().double()
+    exact = activation_reference(x, config.bits == 4).double() @ deq.t()
+    assert (got - exact).abs().max() <= 1e-5 * exact.abs().max()
+    full = x.double() @ deq.t()
+    assert (got - full).abs().max() <= 2e-2 * full.abs().max()
+
+
+def test_input_dtypes_and_shapes_come_back():
+    w = torch.randn(40, 64).to(torch.bfloat16)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(2, 1, 64).to(dtype)
+        y = native.gemv(x, w)
+        assert y.shape == (2, 1, 40) and y.dtype == dtype
+        torch.testing.assert_close(y.float(), x.float() @ w.float().t(), rtol=2e-2, atol=2e-2)
+
+
+def test_bad_arguments_raise_not_crash():
+    x = torch.randn(1, 64)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        EXT.gemv(torch.randn(1, 48), torch.randn(4, 48), native._NO_SCALES, 0, 2)
+    with pytest.raises(RuntimeError, match="weight columns"):
+        EXT.gemv(x, torch.randn(4, 32), native._NO_SCALES, 0, 2)
+    with pytest.raises(RuntimeError, match="int8"):
+        EXT.gemv(x, torch.zeros(4, 64, dtype=torch.uint8), torch.ones(4, 2, dtype=torch.half), 3, 2)
+    with pytest.raises(RuntimeError, match="scales"):
+        EXT.gemv(x, torch.zeros(4, 64, dtype=torch.int8), torch.ones(4, 3, dtype=torch.half), 3, 2)
+
+
+@pytest.mark.parametrize("mode", ["auto", "avx2", "generic"])
+def test_the_mode_picks_the_path(mode, monkeypatch):
+    monkeypatch.setenv(kernels.ENV, mode)
+    cap = torch.backends.cpu.get_cpu_capability()  # ATEN_CPU_CAPABILITY=avx2 emulates an AVX2-only CPU
+    best = min(EXT.best_isa(), 2 if cap.startswith("AVX512") else 1 if cap == "AVX2" else 0)
+    assert native.isa() == {"auto": native.ISAS[best], "avx2": native.ISAS[min(1, best)], "generic": "off"}[mode]
+    q = QuantLinear.from_float(torch.randn(48, 256), QuantConfig(8, 32))
+    few, many = torch.randn(2, 256), torch.randn(9, 256)
+    assert q.kernel(few) == ("generic" if mode == "generic" else "native")
+    assert q.kernel(many) == "generic"  # prefill of grouped int8: dequantize + F.linear
+    assert native.isa() in kernels.cpu_kernels().describe()
+
+
+@pytest.mark.parametrize("mode", ["auto", "avx2", "generic"])
+def test_optimized_model_decodes_as_the_plain_one(mode, monkeypatch):
+    """Greedy decode through DecodeLinear / native QuantLinear equals the unoptimized model's logits."""
+    monkeypatch.setenv(kernels.ENV, mode)
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=32, max_seq_len=64)
+    for scheme in (None, "int8", "int4"):
+        plain = Transformer(args).eval()
+        if scheme:
+            quantize(plain, scheme, head=True)
+        fast = Transformer(args).eval()
+        if scheme:
+            quantize(fast, scheme, head=True)
+        fast.load_state_dict(plain.state_dict())
+        optimize_for_inference(fast)
+        assert any(isinstance(mod, DecodeLinear) for mod in fast.modules()) == (mode != "generic" and scheme is None)
+        tokens = torch.randint(0, 96, (1, 12))
+        with torch.inference_mode():
+            ref = plain(tokens, 0)
+            got = torch.cat([fast(tokens[:, :8], 0)] + [fast(tokens[:, i : i + 1], i) for i in range(8, 12)], 1)
+        tol = 1e-4 if scheme is None or mode == "generic" else 5e-2  # int8 activations on the native path
+        assert (got - ref).abs().max() <= tol * ref.abs().max(), scheme
+
+
+def test_without_the_extension_torch_kernels_run_after_a_notice(monkeypatch, capsys, tmp_path):
+    from torch.utils import cpp_extension
+
+    def no_compiler(*a, **k):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(native, "_EXT", [])
+    monkeypatch.setattr(native, "_LEVEL", {})
+    monkeypatch.setattr(native, "_build_dir", lambda: tmp_path)
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    assert native.isa() == "off"
+    err = capsys.readouterr().err
+    assert "native decode kernels unavailable (RuntimeError: Ninja is required" in err and "using torch's kernels" in err
+    q = QuantLinear.from_float(torch.randn(48, 256), QuantConfig(8, 32))
+    x = torch.randn(1, 256)
+    assert q.kernel(x) == "generic"
+    torch.testing.assert_close(q(x), F.linear(x, q.dequantize()))
+    lin = torch.nn.Linear(256, 48, bias=False)
+    torch.testing.assert_close(DecodeLinear(lin)(x), lin(x))
+
+
+# --- the fused decode-step ops against the torch ops they replace ---------------------------------
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rmsnorm_silu_mul_and_rope_equal_the_torch_ops(dtype):
+    from dinollama.nn import RMSNorm, apply_rotary_emb, precompute_freqs_cis
+
+    torch.manual_seed(0)
+    norm = RMSNorm(96).to(dtype)
+    norm.weight.data = torch.randn(96).to(dtype)
+    x = torch.randn(3, 1, 96).to(dtype)
+    ulp = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]  # summation order, exp
+    with torch.no_grad():
+        ref = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + norm.eps)).to(dtype) * norm.weight
+        torch.testing.assert_close(EXT.rmsnorm(x, norm.weight, norm.eps), ref, rtol=ulp, atol=0)
+    gu = torch.randn(2, 1, 64).to(dtype)
+    gate, up = gu.chunk(2, -1)
+    torch.testing.assert_close(EXT.silu_mul(gu), F.silu(gate) * up, rtol=ulp, atol=1e-7)
+    heads, kv, d, t = 4, 2, 16, 3
+    qkv = torch.randn(t, (heads + 2 * kv) * d).to(dtype)
+    freqs = precompute_freqs_cis(d, 50, 1e6)[[5, 9, 20]]
+    rotated = qkv.clone()
+    native.rope_qk_(rotated, heads + kv, d, freqs)
+    q, k = qkv[:, : heads * d].view(1, t, heads, d), qkv[:, heads * d : (heads + kv) * d].view(1, t, kv, d)
+    close = dict(rtol=ulp, atol=1e-6)
+    torch.testing.assert_close(rotated[:, : heads * d], apply_rotary_emb(q, freqs).reshape(t, -1), **close)
+    torch.testing.assert_close(rotated[:, heads * d : (heads + kv) * d], apply_rotary_emb(k, freqs).reshape(t, -1),
+                               **close)
+    assert torch.equal(rotated[:, (heads + kv) * d :], qkv[:, (heads + kv) * d :])  # v untouched
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=lambda i: native.ISAS[i])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_attention_equals_sdpa_per_row(level, dtype):
+    torch.manual_seed(0)
+    heads, kv, d, rows, length = 4, 2, 16, 4, 40
+    k, v = torch.randn(rows, kv, length, d).to(dtype), torch.randn(rows, kv, length, d).to(dtype)
+    q = torch.randn(3, heads, d).to(dtype)
+    lengths = torch.tensor([5, 40, 17])
+    got = EXT.decode_attention(q, k, v, lengths, 1, level)
+    for i in range(3):
+        keys = k[1 + i, :, : lengths[i]].float().repeat_interleave(heads // kv, 0)
+        vals = v[1 + i, :, : lengths[i]].float().repeat_interleave(heads // kv, 0)
+        ref = F.scaled_dot_product_attention(q[i].float()[:, None], keys, vals)[:, 0].reshape(-1)
+        assert (got[i].float() - ref).abs().max() <= (1e-5 if dtype == torch.float32 else 1e-2)
+    with pytest.raises(RuntimeError, match="length is out of the cache"):
+        EXT.decode_attention(q, k, v, torch.tensor([5, 41, 1]), 0, level)
+
+
+def test_a_serving_step_equals_the_torch_path(monkeypatch):
+    """Transformer.step of decode rows at different positions: native ops (auto) == torch ops (generic)."""
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=32, max_seq_len=64)
+    model = optimize_for_inference(Transformer(args).eval())
+    prompts = [torch.randint(0, 96, (n,)) for n in (5, 9, 3)]
+    results = {}
+    for mode in ("auto", "generic"):
+        monkeypatch.setenv(kernels.ENV, mode)
+        model.setup_cache(3, 32)
+        with torch.inference_mode():
+            model.step(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long),
+                       [(p, 0, row) for row, p in enumerate(prompts)])
+            positions = torch.tensor([len(p) for p in prompts])
+            results[mode] = [model.step(torch.tensor([7, 8, 9]) + i, positions + i, [])[0] for i in range(3)]
+    for a, b in zip(results["auto"], results["generic"]):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
