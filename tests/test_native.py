@@ -32,7 +32,7 @@ def test_float_weights_equal_the_torch_product(level, shape, dtype):
     m, k, n = shape
     torch.manual_seed(0)
     x, w = torch.randn(m, k), torch.randn(n, k).to(dtype)
-    got = EXT.gemv(x, w, native._NO_SCALES, 0, level)
+    got = EXT.gemv(x, w, native.NO_SCALES, 0, level)
     ref = x.double() @ w.double().t()
     assert got.shape == (m, n) and got.dtype == torch.float32
     assert (got.double() - ref).abs().max() < 1e-5 * k
@@ -58,6 +58,20 @@ def test_quantized_weights_equal_the_integer_reference(level, shape, config):
     assert (got - full).abs().max() <= 2e-2 * full.abs().max()
 
 
+@pytest.mark.parametrize("level", LEVELS, ids=lambda i: native.ISAS[i])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_bf16_models_products_within_one_bf16_rounding(level, shape):
+    """bf16 x and weights: the AVX512-BF16 dot product where the CPU has it (level avx512-vnni), else widened
+    to fp32; either way the exact product rounded once to bf16."""
+    m, k, n = shape
+    torch.manual_seed(2)
+    x, w = torch.randn(m, k).to(torch.bfloat16), torch.randn(n, k).to(torch.bfloat16)
+    got = EXT.gemv(x, w, native.NO_SCALES, 0, level)
+    ref = x.double() @ w.double().t()
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - ref).abs() <= 2**-8 * ref.abs() + 1e-6 * k).all()
+
+
 def test_input_dtypes_and_shapes_come_back():
     w = torch.randn(40, 64).to(torch.bfloat16)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -70,9 +84,9 @@ def test_input_dtypes_and_shapes_come_back():
 def test_bad_arguments_raise_not_crash():
     x = torch.randn(1, 64)
     with pytest.raises(RuntimeError, match="multiple of 32"):
-        EXT.gemv(torch.randn(1, 48), torch.randn(4, 48), native._NO_SCALES, 0, 2)
+        EXT.gemv(torch.randn(1, 48), torch.randn(4, 48), native.NO_SCALES, 0, 2)
     with pytest.raises(RuntimeError, match="weight columns"):
-        EXT.gemv(x, torch.randn(4, 32), native._NO_SCALES, 0, 2)
+        EXT.gemv(x, torch.randn(4, 32), native.NO_SCALES, 0, 2)
     with pytest.raises(RuntimeError, match="int8"):
         EXT.gemv(x, torch.zeros(4, 64, dtype=torch.uint8), torch.ones(4, 2, dtype=torch.half), 3, 2)
     with pytest.raises(RuntimeError, match="scales"):
@@ -161,7 +175,7 @@ def test_rmsnorm_silu_mul_and_rope_equal_the_torch_ops(dtype):
     qkv = torch.randn(t, (heads + 2 * kv) * d).to(dtype)
     freqs = precompute_freqs_cis(d, 50, 1e6)[[5, 9, 20]]
     rotated = qkv.clone()
-    native.rope_qk_(rotated, heads + kv, d, freqs)
+    EXT.rope_qk_(rotated, heads + kv, d, torch.view_as_real(freqs).contiguous())
     q, k = qkv[:, : heads * d].view(1, t, heads, d), qkv[:, heads * d : (heads + kv) * d].view(1, t, kv, d)
     close = dict(rtol=ulp, atol=1e-6)
     torch.testing.assert_close(rotated[:, : heads * d], apply_rotary_emb(q, freqs).reshape(t, -1), **close)
@@ -205,3 +219,20 @@ def test_a_serving_step_equals_the_torch_path(monkeypatch):
             results[mode] = [model.step(torch.tensor([7, 8, 9]) + i, positions + i, [])[0] for i in range(3)]
     for a, b in zip(results["auto"], results["generic"]):
         assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+
+
+def test_a_stale_build_lock_is_removed(monkeypatch, tmp_path, capsys):
+    """A first build killed half-way leaves torch's lock file behind, and every later load would wait on it."""
+    import os
+    import time
+
+    from torch.utils import cpp_extension
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    old = time.time() - native.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    monkeypatch.setattr(native, "_build_dir", lambda: tmp_path)
+    monkeypatch.setattr(cpp_extension, "load", lambda *a, **k: "built")
+    assert native._load() == "built" and not lock.exists()
+    assert "removing a stale build lock" in capsys.readouterr().err

@@ -37,7 +37,17 @@ def test_quant_linear_equals_the_dequantized_product(config, out_features, mode,
     expected = "generic" if mode == "generic" else (
         "int8pack" if config.bits == 8 and config.group_size == 0 else
         "int4pack" if config.bits == 4 and out_features % 16 == 0 else "generic")
-    assert q.kernel(x) == expected
+    assert q.kernel(x) == expected  # 15 bf16 rows
+    assert q.kernel(torch.randn(200, 256, dtype=torch.bfloat16)) == ("int8pack" if expected == "int8pack" else "generic")
+
+
+def test_a_dtype_cast_keeps_the_format():
+    """model.to(bf16) moves nothing of a quantized linear: its codes and fp16 scales are the format."""
+    q = QuantLinear.from_float(torch.randn(48, 256), QuantConfig(4, 32, symmetric=False))
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    q.to(torch.bfloat16)
+    for k, v in q.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
 
 
 def test_bytes_per_weight():

@@ -13,7 +13,9 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ..nn import RMSNorm, SwiGLU, apply_rotary_emb, native, precompute_freqs_cis
+from ..nn import DecodeLinear
 from .kvcache import KVCache, cached_attention, check_fits, plan_memory
+from .quant import QuantLinear
 
 
 @dataclass
@@ -111,8 +113,6 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, freqs_cis: Tensor, start_pos: int | Step, row: int = 0) -> Tensor:
         b, t, _ = x.shape
-        if self._native_decode(x, start_pos):
-            return self._decode_step(x, freqs_cis, start_pos, row)
         if self.wqkv is not None:  # fused by optimize_for_inference: one projection instead of three
             q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2, dim=-1)
         else:
@@ -133,32 +133,6 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=self.n_kv != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
-
-    def _native_decode(self, x: Tensor, start_pos: int | Step) -> bool:
-        """One token per sequence, nothing else in the step: the fused native ops of a decode step run it."""
-        if self.wqkv is None or self.cache is None or self.cache.quantized or not native.fusable(x):
-            return False
-        if isinstance(start_pos, Step):
-            return not start_pos.chunks
-        return x.shape[1] == 1 and start_pos > 0
-
-    def _decode_step(self, x: Tensor, freqs_cis: Tensor, start_pos: int | Step, row: int) -> Tensor:
-        """The decode rows of ``x`` in a handful of calls: projection, RoPE in place on q and k, the cache
-        write, attention over each row's cache (fp32 inside), output projection."""
-        hd, n_q, n_kv = self.head_dim, self.n_heads, self.n_kv
-        qkv = self.wqkv(x).view(-1, (n_q + 2 * n_kv) * hd)
-        native.rope_qk_(qkv, n_q + n_kv, hd, freqs_cis)
-        n = qkv.shape[0]
-        q = qkv[:, : n_q * hd].view(n, n_q, hd)
-        k, v = (qkv[:, (n_q + i * n_kv) * hd : (n_q + (i + 1) * n_kv) * hd].view(n, n_kv, 1, hd) for i in (0, 1))
-        if isinstance(start_pos, Step):
-            self.cache.update_at(start_pos.positions, k, v)
-            lengths, row = start_pos.positions + 1, 0
-        else:
-            self.cache.update(start_pos, k, v, row)
-            lengths = torch.full((n,), start_pos + 1, dtype=torch.long)
-        out = native.decode_attention(q, self.cache.k, self.cache.v, lengths, row)
-        return self.wo(out.view(*x.shape[:2], -1))
 
     def _step_attention(self, q: Tensor, k: Tensor, v: Tensor, plan: Step) -> Tensor:
         """``(1, n + sum(lengths), H, hd)`` tokens of a :class:`Step`: the decode rows against their own
@@ -273,11 +247,45 @@ class Transformer(nn.Module):
             layer.attention.cache = None
         self.max_batch = self.cache_len = 0
 
+    def _native_weights(self, dtype: torch.dtype) -> tuple[list[Tensor], list[int]] | None:
+        """The layers' tensors as :func:`dinollama.nn.native.decode_layers` takes them, or ``None`` when a
+        layer is not in that form (not optimized, an int8 cache, asymmetric int4, the torch kernels)."""
+        tensors, kinds = [], []
+        for layer in self.layers:
+            att, ff = layer.attention, layer.feed_forward
+            if att.wqkv is None or ff.w13 is None or att.cache is None or att.cache.quantized:
+                return None
+            if layer.attention_norm.weight.dtype != dtype or layer.ffn_norm.weight.dtype != dtype:
+                return None
+            lins = [_native_linear(m) for m in (att.wqkv, att.wo, ff.w13, ff.w2)]
+            if None in lins:
+                return None
+            (qkv, qkv_s, k0), (wo, wo_s, k1), (w13, w13_s, k2), (w2, w2_s, k3) = lins
+            tensors += [layer.attention_norm.weight, qkv, qkv_s, wo, wo_s, layer.ffn_norm.weight, w13, w13_s, w2, w2_s,
+                        att.cache.k, att.cache.v]
+            kinds += [k0, k1, k2, k3]
+        return tensors, kinds
+
+    def _native_decode(self, h: Tensor, freqs: Tensor, positions: Tensor, row: int) -> Tensor | None:
+        """One token per row (``h`` ``(n, dim)``) through every layer in one native call, or ``None``."""
+        if not native.fusable(h):
+            return None
+        packed = self._native_weights(h.dtype)
+        if packed is None:
+            return None
+        p = self.params
+        return native.decode_layers(h.contiguous(), *packed, positions, row, freqs, p.n_heads, p.kv_heads, p.norm_eps)
+
     def _hidden(self, tokens: Tensor, start_pos: int, row: int = 0) -> Tensor:
         h = self.tok_embeddings(tokens)
         if self.freqs_cis.device != h.device:
             self.freqs_cis = self.freqs_cis.to(h.device)
         freqs = self.freqs_cis[start_pos : start_pos + tokens.shape[1]]
+        if tokens.shape[1] == 1 and start_pos > 0:  # decoding: the native layer stack where it runs
+            b = tokens.shape[0]
+            out = self._native_decode(h[:, 0], freqs, torch.full((b,), start_pos), row)  # one RoPE row for all
+            if out is not None:
+                return out[:, None]
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(layer, h, freqs, start_pos, use_reentrant=False)
@@ -305,10 +313,14 @@ class Transformer(nn.Module):
         if self.freqs_cis.device != h.device:
             self.freqs_cis = self.freqs_cis.to(h.device)
         freqs = torch.cat([self.freqs_cis[positions]] + [self.freqs_cis[s : s + c.shape[0]] for c, s, _ in chunks])
-        plan = Step(positions, self._row_mask(positions, h.dtype) if n else None,
-                    [(s, row, c.shape[0]) for c, s, row in chunks])
-        for layer in self.layers:
-            h = layer(h, freqs, plan)
+        fused = self._native_decode(h[0], freqs, positions, 0) if n and not chunks else None
+        if fused is not None:
+            h = fused[None]
+        else:
+            plan = Step(positions, self._row_mask(positions, h.dtype) if n else None,
+                        [(s, row, c.shape[0]) for c, s, row in chunks])
+            for layer in self.layers:
+                h = layer(h, freqs, plan)
         ends = torch.tensor([c.shape[0] for c, _, _ in chunks], dtype=torch.long, device=h.device).cumsum(0) + n - 1
         logits = self.output(self.norm(torch.cat([h[0, :n], h[0, ends]]))).float()
         return logits[:n], logits[n:]
@@ -342,6 +354,16 @@ class Transformer(nn.Module):
         if t > self.freqs_cis.shape[0]:
             self.freqs_cis = self._freqs(t).to(tokens.device)
         return self.output(self.norm(self._hidden(tokens, 0)))
+
+
+def _native_linear(module: nn.Module) -> tuple[Tensor, Tensor, int] | None:
+    """``(weight, scales, kind)`` of a linear the native kernels take: float (:class:`DecodeLinear`),
+    or int8 / symmetric int4 in groups."""
+    if isinstance(module, DecodeLinear):
+        return module.weight, native.NO_SCALES, 0
+    if isinstance(module, QuantLinear) and module.config.symmetric:
+        return module.qweight, module.scales, 3 if module.config.bits == 8 else 4
+    return None
 
 
 def build(name_or_args: str | ModelArgs, **overrides) -> Transformer:

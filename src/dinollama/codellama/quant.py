@@ -8,8 +8,8 @@ asymmetric int4 is Q4_1 (``w = d * u + m``). Scales (and minima) are float16, on
 Kernels (picked in :meth:`QuantLinear.kernel`, forced to the generic one by
 ``DINOLLAMA_KERNELS=generic``): up to 8 rows (decoding), int8 and symmetric int4 run the native
 integer dot products of :mod:`dinollama.nn.native`; otherwise int8 per channel ->
-``torch._weight_int8pack_mm``, int4 -> ``torch._weight_int4pack_mm_for_cpu`` on CPU, and anything
-else (prefill of grouped int8) dequantizes the weight for ``F.linear``.
+``torch._weight_int8pack_mm``, int4 in bf16 below 128 rows -> ``torch._weight_int4pack_mm_for_cpu``,
+and the rest (prefill) dequantizes the weight for ``F.linear``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..nn import native
 from ..nn.kernels import cpu_kernels
 
+PREFILL_ROWS = 128  # from this many rows a dequantized copy and one matrix product (oneDNN/AMX) win
 LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
            "feed_forward.w3")
 
@@ -125,6 +126,16 @@ class QuantLinear(nn.Module):
             w = c * s + self.mins.float()[..., None]
         return w.reshape(self.out_features, self.in_features).to(dtype)
 
+    def _apply(self, fn, recurse: bool = True):
+        """Device moves apply, dtype casts do not: the codes and their fp16 scales are the format
+        (``model.to(torch.bfloat16)`` would round the scales to bf16's 8-bit mantissa)."""
+        for name, buf in self._buffers.items():
+            if buf is not None:
+                moved = fn(buf)
+                self._buffers[name] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
+        self._packed = None
+        return self
+
     @property
     def nbytes(self) -> int:
         return sum(b.nbytes for b in (self.qweight, self.scales, self.mins) if b is not None)
@@ -137,7 +148,11 @@ class QuantLinear(nn.Module):
             return "native"
         if self.config.bits == 8 and self.config.group_size == 0:
             return "int8pack"
-        if self.config.bits == 4 and self.out_features % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        # torch's int4 kernel: fast in bf16 for tens of rows, 8-70x slower than dequantize + F.linear in fp32,
+        # and 2.2x slower at 512 rows in bf16 (measured, 134M shapes)
+        few = x.numel() < PREFILL_ROWS * self.in_features
+        if (self.config.bits == 4 and few and x.dtype == torch.bfloat16 and self.out_features % 16 == 0
+                and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")):
             return "int4pack"
         return "generic"
 

@@ -48,7 +48,7 @@ class CpuKernels:
         from . import native  # it builds on this module
 
         forced = f" (forced by {ENV}={self.mode})" if self.mode != "auto" else ""
-        return (f"cpu kernels: native decode {native.isa()}, ATen {self.capability}, "
+        return (f"cpu kernels: native decode {native.describe()}, ATen {self.capability}, "
                 f"oneDNN packing {'on' if self.onednn else 'off'}, "
                 f"native bf16 {'yes' if self.native_bf16 else 'no'}, native fp16 {'yes' if self.native_fp16 else 'no'}, "
                 f"int8 matmul {'yes' if self.int8_matmul else 'no'}{forced}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from torch import Tensor
 from .kernels import cpu_kernels, notice
 
 ISAS = ("scalar", "avx2", "avx512-vnni")  # the extension's levels, in its numbering
+STALE_LOCK_S = 600  # a build takes ~30 s; a lock older than this is left over
 MAX_ROWS = 8  # more rows than this is a matrix product: oneDNN / MKL are faster there
 _SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
 _EXT: list = []  # [module or None], once loaded or failed
@@ -59,6 +61,10 @@ def _load():
     _ninja_on_path()
     folder = _build_dir()
     folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / "lock"  # torch's build lock; one left by a build that was killed makes every load wait forever
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        notice(f"removing a stale build lock {lock} (a build was interrupted)")
+        lock.unlink(missing_ok=True)
     fresh = not any(folder.glob("*.so"))
     if fresh:
         print("note: building dinollama's native decode kernels (once per torch version, ~30 s)", file=sys.stderr)
@@ -97,6 +103,12 @@ def isa() -> str:
     return ISAS[level] if level >= 0 else "off"
 
 
+def describe() -> str:
+    """:func:`isa`, and whether bf16 models' products use AVX512-BF16's bf16 dot product."""
+    level = isa()
+    return level + (" (+bf16 dot)" if level == "avx512-vnni" and _EXT[0].has_bf16_dot() else "")
+
+
 def usable(x: Tensor) -> bool:
     """Whether the native product takes ``x`` (CPU, at most :data:`MAX_ROWS` rows, ``K % 32 == 0``)."""
     if x.device.type != "cpu" or x.shape[-1] % 32 or x.numel() > MAX_ROWS * x.shape[-1]:
@@ -107,7 +119,7 @@ def usable(x: Tensor) -> bool:
 def gemv(x: Tensor, weight: Tensor, scales: Tensor | None = None, kind: str = "float") -> Tensor:
     """``x @ W.T`` for a few rows of ``x``; ``kind`` ``float`` (f32/bf16/f16 weight), ``q8`` or ``q4``
     (codes and fp16 group scales as :class:`~dinollama.codellama.quant.QuantLinear` keeps them)."""
-    return _EXT[0].gemv(x, weight, _NO_SCALES if scales is None else scales, _KINDS[kind], _level())
+    return _EXT[0].gemv(x, weight, NO_SCALES if scales is None else scales, _KINDS[kind], _level())
 
 
 def fusable(x: Tensor) -> bool:
@@ -116,30 +128,17 @@ def fusable(x: Tensor) -> bool:
             and _level() >= 0)
 
 
-def rmsnorm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """Llama's RMSNorm in one call, with the reference's roundings (contiguous ``x``, weight of its dtype)."""
-    return _EXT[0].rmsnorm(x, weight, eps)
-
-
-def silu_mul(gate_up: Tensor) -> Tensor:
-    """``silu(gate) * up`` of ``[gate | up]`` (the fused w1/w3 output) in one call."""
-    return _EXT[0].silu_mul(gate_up.contiguous())
-
-
-def rope_qk_(qkv: Tensor, heads: int, head_dim: int, freqs_cis: Tensor) -> None:
-    """Rotate, in place, the first ``heads`` heads of each row of ``qkv`` ``(T, width)`` by ``freqs_cis`` ``(T, d/2)``."""
-    _EXT[0].rope_qk_(qkv, heads, head_dim, torch.view_as_real(freqs_cis).contiguous())
-
-
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, row0: int = 0) -> Tensor:
-    """One query per row, ``q`` ``(n, H, d)``, against cache rows ``row0..`` of ``k``/``v`` ``(B, Hkv, L, d)``
-    holding ``lengths[i]`` keys each: ``(n, H * d)``, fp32 inside."""
-    return _EXT[0].decode_attention(q, k, v, lengths, row0, _level())
+def decode_layers(h: Tensor, tensors: list[Tensor], kinds: list[int], positions: Tensor, row0: int,
+                  freqs_cis: Tensor, n_heads: int, n_kv: int, eps: float) -> Tensor:
+    """Every layer of a decode step in one call (12 tensors and 4 weight kinds a layer, see
+    ``csrc/gemv.cpp``): row ``i`` of ``h`` ``(n, dim)`` at ``positions[i]`` of cache row ``row0 + i``."""
+    rot = torch.view_as_real(freqs_cis).contiguous()
+    return _EXT[0].decode_layers(h, tensors, kinds, positions, row0, rot, n_heads, n_kv, eps, _level())
 
 
 _KINDS = {"float": 0, "q8": 3, "q4": 4}
-_NO_SCALES = torch.empty(0, 1, dtype=torch.float16)
+NO_SCALES = torch.empty(0, 1, dtype=torch.float16)  # what a float weight passes as its scales
 
 
 if __name__ == "__main__":  # python -m dinollama.nn.native: build now (the install does), say what runs
-    print(f"dinollama native decode kernels: {isa()} ({_build_dir()})")
+    print(f"dinollama native decode kernels: {describe()} ({_build_dir()})")
