@@ -314,13 +314,14 @@ T512 inline __m256i udot_vnni(__m256i acc, __m256i u, __m256i s) { return _mm256
 DL_BLOCK_DOT(block_avx2, T2, udot_avx2)
 DL_BLOCK_DOT(block_vnni, T512, udot_vnni)
 
-// Each weight row's group scales are first spread to one float per block (no division in the loop);
+// Each weight row's group scales are first multiplied into the activations' block scales (no division
+// or scalar product in the loop, a broadcast load per block);
 // two accumulators per row of x (even and odd blocks) so consecutive blocks do not wait on one FMA chain.
 #define DL_QUANT_STEP(BLOCK, B, ACC)                                                                         \
   for (int m = 0; m < MB; ++m) {                                                                             \
     const int64_t i = m * nb + (B);                                                                          \
     const __m256 p = _mm256_cvtepi32_ps(BLOCK<Q4>(row, (B), qx + i * kBlock, corr + i * 8));                 \
-    ACC[m] = _mm256_fmadd_ps(p, _mm256_set1_ps(scale[B] * dx[i]), ACC[m]);                                   \
+    ACC[m] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(sd + i), ACC[m]);                                        \
   }
 
 #define DL_QUANT_KERNEL(NAME, ATTR, BLOCK)                                                                   \
@@ -330,11 +331,15 @@ DL_BLOCK_DOT(block_vnni, T512, udot_vnni)
     const int8_t* qx = a.qx + m0 * a.K;                                                                      \
     const float* dx = a.dx + m0 * nb;                                                                        \
     const int32_t* corr = a.corr + m0 * nb * 8;                                                              \
-    std::vector<float> scale(nb);                                                                            \
+    std::vector<float> sd_buf(MB * nb);                                                                      \
+    float* sd = sd_buf.data(); /* weight scale x activation scale, per (row of x, block) */                  \
     for (int64_t n = n0; n < n1; ++n) {                                                                      \
       const uint8_t* row = a.w + n * (Q4 ? a.K / 2 : a.K);                                                   \
-      for (int64_t g = 0; g < ng; ++g)                                                                       \
-        std::fill_n(scale.data() + g * per, per, _cvtsh_ss(a.ws[n * ng + g]));                               \
+      for (int64_t g = 0; g < ng; ++g) {                                                                     \
+        const float dw = _cvtsh_ss(a.ws[n * ng + g]);                                                        \
+        for (int m = 0; m < MB; ++m)                                                                         \
+          for (int64_t b = g * per; b < (g + 1) * per; ++b) sd[m * nb + b] = dw * dx[m * nb + b];            \
+      }                                                                                                      \
       __m256 acc0[MB], acc1[MB];                                                                             \
       for (int m = 0; m < MB; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();                                  \
       int64_t b = 0;                                                                                         \
