@@ -72,6 +72,17 @@ def test_bf16_models_products_within_one_bf16_rounding(level, shape):
     assert ((got.double() - ref).abs() <= 2**-8 * ref.abs() + 1e-6 * k).all()
 
 
+@pytest.mark.parametrize("level", LEVELS, ids=lambda i: native.ISAS[i])
+@pytest.mark.parametrize("k", [32, 96, 160])  # odd block counts: Q4's last block has no pair
+@pytest.mark.parametrize("bits", [8, 4])
+def test_odd_block_counts(level, k, bits):
+    torch.manual_seed(3)
+    x, lin = torch.randn(3, k), QuantLinear.from_float(torch.randn(21, k), QuantConfig(bits, 32))
+    got = EXT.gemv(x, lin.qweight, lin.scales, 3 if bits == 8 else 4, level).double()
+    exact = activation_reference(x, bits == 4).double() @ lin.dequantize().double().t()
+    assert (got - exact).abs().max() <= 1e-5 * exact.abs().max()
+
+
 def test_input_dtypes_and_shapes_come_back():
     w = torch.randn(40, 64).to(torch.bfloat16)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):

@@ -228,31 +228,47 @@ void float_rows(const float* x, int64_t M, int64_t K, const void* w, float* y, i
 
 // ---- quantized weights --------------------------------------------------------------------------
 
-// Round each 32-block of x to int8 with scale amax / 127. For Q4 the block is stored as its 16 even
-// elements then its 16 odd ones, the order in which a block's low and high nibbles unpack.
-void quantize_activations(const float* x, int64_t M, int64_t K, bool q4, int8_t* q, float* d, int32_t* corr) {
-  const int64_t nb = K / kBlock;
-  for (int64_t r = 0; r < M * nb; ++r) {
-    const float* src = x + r * kBlock;
-    float amax = 0.f;
-    for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(src[i]));
-    const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-    d[r] = scale;
-    int32_t sum = 0;
-    for (int i = 0; i < kBlock; ++i) {
-      const int at = q4 ? (i % 2) * (kBlock / 2) + i / 2 : i;
-      q[r * kBlock + at] = static_cast<int8_t>(std::nearbyint(src[i] * inv));
-      sum += q[r * kBlock + at];
+// Where element i of block b of a row of x goes for Q4: blocks go in pairs, 64 bytes as [first block's
+// even elements | second's even | first's odd | second's odd], the order in which 32 bytes of nibbles
+// unpack (low nibbles: even elements; high: odd); a last unpaired block is [even | odd].
+inline int64_t q4_slot(int64_t b, int i, int64_t nb) {
+  const int64_t half = kBlock / 2;
+  if (b == nb - 1 && nb % 2) return b * kBlock + (i % 2) * half + i / 2;
+  return (b / 2) * 2 * kBlock + (i % 2) * kBlock + (b % 2) * half + i / 2;
+}
+
+// Round each 32-block of x to int8 with scale amax / 127 (Q8: in place; Q4: q4_slot). Per pair of
+// blocks p, dx8[p] holds the two scales as [d0 x4, d1 x4] and corr[p] the Q4 offset -8 sum(x) of each
+// block in lanes 0 and 4 (a last unpaired block: its scale in all 8 lanes, its offset in lane 0).
+void quantize_activations(const float* x, int64_t M, int64_t K, bool q4, int8_t* q, float* d, float* dx8,
+                          int32_t* corr) {
+  const int64_t nb = K / kBlock, nq = (nb + 1) / 2;
+  std::fill(corr, corr + M * nq * 8, 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* src = x + m * K + b * kBlock;
+      float amax = 0.f;
+      for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(src[i]));
+      const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      d[m * nb + b] = scale;
+      int32_t sum = 0;
+      for (int i = 0; i < kBlock; ++i) {
+        const int8_t v = static_cast<int8_t>(std::nearbyint(src[i] * inv));
+        q[m * K + (q4 ? q4_slot(b, i, nb) : b * kBlock + i)] = v;
+        sum += v;
+      }
+      const bool single = b == nb - 1 && nb % 2;
+      float* d8 = dx8 + (m * nq + b / 2) * 8;
+      std::fill(d8 + (single ? 0 : (b % 2) * 4), d8 + (single ? 8 : (b % 2) * 4 + 4), scale);
+      corr[(m * nq + b / 2) * 8 + (single ? 0 : (b % 2) * 4)] = -8 * sum;
     }
-    std::fill(corr + r * 8, corr + r * 8 + 8, 0);
-    corr[r * 8] = -8 * sum;
-  }
 }
 
 struct QuantArgs {
   const int8_t* qx;      // (M, K) int8 activations
   const float* dx;       // (M, K / 32) their scales
-  const int32_t* corr;   // (M, K / 32, 8): -8 * the block's sum in lane 0 (the Q4 offset), zeros
+  const float* dx8;      // (M, pairs, 8) and
+  const int32_t* corr;   // (M, pairs, 8): see quantize_activations
   int64_t K;
   const uint8_t* w;      // (N, K) int8 or (N, K / 2) nibble pairs
   const uint16_t* ws;    // (N, K / G) fp16 weight scales
@@ -264,8 +280,8 @@ struct QuantArgs {
 template <bool Q4>
 inline int block_code(const uint8_t* row, int64_t b, int i) {  // element i of block b, as a signed value
   if constexpr (Q4) {
-    const uint8_t byte = row[b * (kBlock / 2) + i % (kBlock / 2)];
-    return (i < kBlock / 2 ? (byte & 15) : (byte >> 4)) - 8;  // the deinterleaved order of the activations
+    const uint8_t byte = row[b * (kBlock / 2) + i / 2];
+    return (i % 2 ? (byte >> 4) : (byte & 15)) - 8;
   } else {
     return static_cast<int8_t>(row[b * kBlock + i]);
   }
@@ -280,7 +296,8 @@ void quant_scalar(const QuantArgs& a, int64_t M, int64_t n0, int64_t n1) {
       float acc = 0.f;
       for (int64_t b = 0; b < nb; ++b) {
         int32_t dot = 0;
-        for (int i = 0; i < kBlock; ++i) dot += block_code<Q4>(row, b, i) * a.qx[(m * nb + b) * kBlock + i];
+        for (int i = 0; i < kBlock; ++i)
+          dot += block_code<Q4>(row, b, i) * a.qx[m * a.K + (Q4 ? q4_slot(b, i, nb) : b * kBlock + i)];
         acc += half_to_float(a.ws[n * ng + b / per]) * a.dx[m * nb + b] * static_cast<float>(dot);
       }
       a.y[m * a.N + n] = acc;
@@ -289,22 +306,14 @@ void quant_scalar(const QuantArgs& a, int64_t M, int64_t n0, int64_t n1) {
 }
 
 #ifdef DL_X86
-// One block's integer product as 8 int32 lanes. Q8: |w| . (x * sign(w)) (unsigned x signed bytes, what
-// both maddubs and VNNI take). Q4: the nibbles u are unsigned already, and (u - 8) . x = u . x - 8 sum(x)
-// comes from `corr`, a vector holding -8 sum(x) in its first lane.
+// One Q8 block's integer product as 8 int32 lanes: |w| . (x * sign(w)), unsigned x signed bytes, which
+// both maddubs and VNNI take.
 #define DL_BLOCK_DOT(NAME, ATTR, UDOT)                                                                      \
   template <bool Q4>                                                                                        \
-  ATTR inline __m256i NAME(const uint8_t* row, int64_t b, const int8_t* x, const int32_t* corr) {           \
+  ATTR inline __m256i NAME(const uint8_t* row, int64_t b, const int8_t* x, const int32_t*) {                \
     const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));                             \
-    if constexpr (Q4) {                                                                                     \
-      const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * (kBlock / 2)));          \
-      const __m128i m4 = _mm_set1_epi8(15);                                                                 \
-      const __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(p, 4), m4), _mm_and_si128(p, m4));    \
-      return UDOT(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr)), u, xv);                       \
-    } else {                                                                                                \
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));             \
-      return UDOT(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));                 \
-    }                                                                                                       \
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));               \
+    return UDOT(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));                   \
   }
 
 T2 inline __m256i udot_avx2(__m256i acc, __m256i u, __m256i s) {
@@ -320,7 +329,7 @@ DL_BLOCK_DOT(block_vnni, T512, udot_vnni)
 #define DL_QUANT_STEP(BLOCK, B, ACC)                                                                         \
   for (int m = 0; m < MB; ++m) {                                                                             \
     const int64_t i = m * nb + (B);                                                                          \
-    const __m256 p = _mm256_cvtepi32_ps(BLOCK<Q4>(row, (B), qx + i * kBlock, corr + i * 8));                 \
+    const __m256 p = _mm256_cvtepi32_ps(BLOCK<Q4>(row, (B), qx + i * kBlock, corr));                         \
     ACC[m] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(sd + i), ACC[m]);                                        \
   }
 
@@ -330,7 +339,7 @@ DL_BLOCK_DOT(block_vnni, T512, udot_vnni)
     const int64_t nb = a.K / kBlock, ng = a.K / a.G, per = a.G / kBlock;                                     \
     const int8_t* qx = a.qx + m0 * a.K;                                                                      \
     const float* dx = a.dx + m0 * nb;                                                                        \
-    const int32_t* corr = a.corr + m0 * nb * 8;                                                              \
+    const int32_t* corr = nullptr;                                                                           \
     std::vector<float> sd_buf(MB * nb);                                                                      \
     float* sd = sd_buf.data(); /* weight scale x activation scale, per (row of x, block) */                  \
     for (int64_t n = n0; n < n1; ++n) {                                                                      \
@@ -354,6 +363,72 @@ DL_BLOCK_DOT(block_vnni, T512, udot_vnni)
     }                                                                                                        \
   }
 
+// Q4, two blocks at a time: 32 bytes of nibbles unpack with one AND and one shift into the low nibbles
+// (even elements of both blocks) and the high ones (odd elements), each a dot product against 32
+// activation bytes laid out to match (q4_slot). The nibbles u are unsigned, as maddubs/VNNI want, and
+// (u - 8) . x = u . x - 8 sum(x) starts from `corr`. Lanes 0-3 sum the first block, 4-7 the second.
+#define DL_Q4_STEP(UDOT, P, ACC)                                                                                   \
+  {                                                                                                          \
+    const __m256i pw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (P) * kBlock));             \
+    const __m256i lo = _mm256_and_si256(pw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(pw, 4), m4);        \
+    __m256 sw;                                                                                               \
+    if (per == 1) {                                                                                          \
+      int32_t two;                                                                                           \
+      std::memcpy(&two, ws + 2 * (P), 4);                                                                    \
+      sw = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128(two))), spread);   \
+    } else {                                                                                                 \
+      sw = _mm256_set1_ps(_cvtsh_ss(ws[2 * (P) / per]));                                                     \
+    }                                                                                                        \
+    for (int m = 0; m < MB; ++m) {                                                                           \
+      const int8_t* xm = qx + m * a.K + (P) * 2 * kBlock;                                                    \
+      const int64_t i = (m * nq + (P)) * 8;                                                                  \
+      __m256i d = UDOT(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr + i)), lo,                   \
+                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm)));                            \
+      d = UDOT(d, hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + kBlock)));                    \
+      ACC[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(sw, _mm256_loadu_ps(dx8 + i)), ACC[m]);  \
+    }                                                                                                        \
+  }
+
+#define DL_Q4_KERNEL(NAME, ATTR, UDOT)                                                                       \
+  template <int MB>                                                                                          \
+  ATTR void NAME(const QuantArgs& a, int64_t m0, int64_t n0, int64_t n1) {                                   \
+    const int64_t nb = a.K / kBlock, np = nb / 2, nq = (nb + 1) / 2, ng = a.K / a.G, per = a.G / kBlock;     \
+    const int8_t* qx = a.qx + m0 * a.K;                                                                      \
+    const float* dx8 = a.dx8 + m0 * nq * 8;                                                                  \
+    const int32_t* corr = a.corr + m0 * nq * 8;                                                              \
+    const __m256i m4 = _mm256_set1_epi8(15), spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);             \
+    for (int64_t n = n0; n < n1; ++n) {                                                                      \
+      const uint8_t* row = a.w + n * (a.K / 2);                                                              \
+      const uint16_t* ws = a.ws + n * ng;                                                                    \
+      const char* ahead = reinterpret_cast<const char*>(row) + DL_AHEAD;                                     \
+      __m256 acc0[MB], acc1[MB];                                                                             \
+      for (int m = 0; m < MB; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();                                  \
+      int64_t p = 0;                                                                                         \
+      for (; p + 1 < np; p += 2) {                                                                           \
+        _mm_prefetch(ahead + p * kBlock, _MM_HINT_T0);                                                       \
+        DL_Q4_STEP(UDOT, p, acc0)                                                                                \
+        DL_Q4_STEP(UDOT, p + 1, acc1)                                                                              \
+      }                                                                                                      \
+      if (p < np) DL_Q4_STEP(UDOT, p, acc0)                                                                      \
+      if (nb % 2) { /* the last, unpaired block: 16 bytes, activations [even | odd] */                       \
+        const __m128i pw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (nb - 1) * (kBlock / 2)));  \
+        const __m128i l4 = _mm_set1_epi8(15);                                                                \
+        const __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(pw, 4), l4), _mm_and_si128(pw, l4));  \
+        const float dw = _cvtsh_ss(ws[(nb - 1) / per]);                                                      \
+        for (int m = 0; m < MB; ++m) {                                                                       \
+          const int64_t i = (m * nq + np) * 8;                                                               \
+          const __m256i d = UDOT(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr + i)), u,          \
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + m * a.K + (nb - 1) * kBlock)));       \
+          acc0[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(dw * dx8[i]), acc0[m]);            \
+        }                                                                                                    \
+      }                                                                                                      \
+      for (int m = 0; m < MB; ++m) a.y[(m0 + m) * a.N + n] = hsum8(_mm256_add_ps(acc0[m], acc1[m]));         \
+    }                                                                                                        \
+  }
+
+DL_Q4_KERNEL(q4_avx2, T2, udot_avx2)
+DL_Q4_KERNEL(q4_vnni, T512, udot_vnni)
+
 DL_QUANT_KERNEL(quant_avx2, T2, block_avx2)
 DL_QUANT_KERNEL(quant_vnni, T512, block_vnni)
 #endif
@@ -365,19 +440,20 @@ void quant_rows(const QuantArgs& a, int64_t M, int64_t n0, int64_t n1, int64_t i
     for (int64_t m0 = 0; m0 < M; m0 += kRows) {
       const int mb = static_cast<int>(std::min<int64_t>(kRows, M - m0));
       auto run = [&](auto kernel) { kernel(a, m0, n0, n1); };
-      if (isa == kAvx512) {
+      const bool vnni = isa == kAvx512;
+      if constexpr (Q4) {
         switch (mb) {
-          case 4: run(quant_vnni<Q4, 4>); break;
-          case 3: run(quant_vnni<Q4, 3>); break;
-          case 2: run(quant_vnni<Q4, 2>); break;
-          default: run(quant_vnni<Q4, 1>);
+          case 4: vnni ? run(q4_vnni<4>) : run(q4_avx2<4>); break;
+          case 3: vnni ? run(q4_vnni<3>) : run(q4_avx2<3>); break;
+          case 2: vnni ? run(q4_vnni<2>) : run(q4_avx2<2>); break;
+          default: vnni ? run(q4_vnni<1>) : run(q4_avx2<1>);
         }
       } else {
         switch (mb) {
-          case 4: run(quant_avx2<Q4, 4>); break;
-          case 3: run(quant_avx2<Q4, 3>); break;
-          case 2: run(quant_avx2<Q4, 2>); break;
-          default: run(quant_avx2<Q4, 1>);
+          case 4: vnni ? run(quant_vnni<false, 4>) : run(quant_avx2<false, 4>); break;
+          case 3: vnni ? run(quant_vnni<false, 3>) : run(quant_avx2<false, 3>); break;
+          case 2: vnni ? run(quant_vnni<false, 2>) : run(quant_avx2<false, 2>); break;
+          default: vnni ? run(quant_vnni<false, 1>) : run(quant_avx2<false, 1>);
         }
       }
     }
@@ -409,11 +485,12 @@ torch::Tensor quant_gemv(const torch::Tensor& x, const torch::Tensor& w, const t
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const int64_t G = K / scales.size(1);
   std::vector<int8_t> qx(M * K);
-  std::vector<float> dx(M * (K / kBlock));
-  std::vector<int32_t> corr(M * (K / kBlock) * 8);
-  quantize_activations(x.data_ptr<float>(), M, K, q4, qx.data(), dx.data(), corr.data());
+  const int64_t nq = (K / kBlock + 1) / 2;
+  std::vector<float> dx(M * (K / kBlock)), dx8(M * nq * 8);
+  std::vector<int32_t> corr(M * nq * 8);
+  quantize_activations(x.data_ptr<float>(), M, K, q4, qx.data(), dx.data(), dx8.data(), corr.data());
   auto y = torch::empty({M, N}, x.options());
-  const QuantArgs a{qx.data(), dx.data(), corr.data(), K, static_cast<const uint8_t*>(w.data_ptr()),
+  const QuantArgs a{qx.data(), dx.data(), dx8.data(), corr.data(), K, static_cast<const uint8_t*>(w.data_ptr()),
                     reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), G, y.data_ptr<float>(), N};
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
     if (q4) quant_rows<true>(a, M, n0, n1, isa);
