@@ -33,12 +33,12 @@ namespace {
 enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 enum WType : int64_t { kF32 = 0, kBF16 = 1, kF16 = 2, kQ8 = 3, kQ4 = 4 };
 constexpr int kBlock = 32;  // elements per activation scale
-constexpr int kRows = 4;
+constexpr int kRows = 4;    // rows of x per pass over a weight row (accumulators in registers)
 // Software prefetch distance in bytes of the weight stream: the hardware prefetcher alone leaves
 // 10-15% of one core's bandwidth unused on these row-by-row streams (measured, bench/codellama_gguf.py).
 #ifndef DL_AHEAD
 #define DL_AHEAD 8192
-#endif    // rows of x per pass over a weight row (accumulators in registers)
+#endif
 
 int64_t detect_isa() {
 #ifdef DL_X86
@@ -306,62 +306,118 @@ void quant_scalar(const QuantArgs& a, int64_t M, int64_t n0, int64_t n1) {
 }
 
 #ifdef DL_X86
-// One Q8 block's integer product as 8 int32 lanes: |w| . (x * sign(w)), unsigned x signed bytes, which
-// both maddubs and VNNI take.
-#define DL_BLOCK_DOT(NAME, ATTR, UDOT)                                                                      \
-  template <bool Q4>                                                                                        \
-  ATTR inline __m256i NAME(const uint8_t* row, int64_t b, const int8_t* x, const int32_t*) {                \
-    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));                             \
-    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));               \
-    return UDOT(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));                   \
-  }
-
-T2 inline __m256i udot_avx2(__m256i acc, __m256i u, __m256i s) {
+T2 inline __m256i udot_avx2(__m256i acc, __m256i u, __m256i s) {  // acc + u . s, unsigned x signed bytes
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 }
 T512 inline __m256i udot_vnni(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
-DL_BLOCK_DOT(block_avx2, T2, udot_avx2)
-DL_BLOCK_DOT(block_vnni, T512, udot_vnni)
 
-// Each weight row's group scales are first multiplied into the activations' block scales (no division
-// or scalar product in the loop, a broadcast load per block);
-// two accumulators per row of x (even and odd blocks) so consecutive blocks do not wait on one FMA chain.
-#define DL_QUANT_STEP(BLOCK, B, ACC)                                                                         \
-  for (int m = 0; m < MB; ++m) {                                                                             \
-    const int64_t i = m * nb + (B);                                                                          \
-    const __m256 p = _mm256_cvtepi32_ps(BLOCK<Q4>(row, (B), qx + i * kBlock, corr));                         \
-    ACC[m] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(sd + i), ACC[m]);                                        \
+// One Q8 block's integer product as 8 int32 lanes: |w| . (x * sign(w)), the unsigned x signed form of maddubs.
+T2 inline __m256i q8_block_avx2(const uint8_t* row, int64_t b, const int8_t* x) {
+  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));
+  return udot_avx2(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
+}
+
+template <int MB>
+T2 inline __attribute__((always_inline)) void q8_step_avx2(const uint8_t* row, int64_t b, const int8_t* qx,
+                                                           const float* sd, int64_t nb, __m256* acc) {
+  for (int m = 0; m < MB; ++m) {
+    const int64_t i = m * nb + b;
+    const __m256 p = _mm256_cvtepi32_ps(q8_block_avx2(row, b, qx + i * kBlock));
+    acc[m] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(sd + i), acc[m]);
   }
+}
 
-#define DL_QUANT_KERNEL(NAME, ATTR, BLOCK)                                                                   \
-  template <bool Q4, int MB>                                                                                 \
-  ATTR void NAME(const QuantArgs& a, int64_t m0, int64_t n0, int64_t n1) {                                   \
-    const int64_t nb = a.K / kBlock, ng = a.K / a.G, per = a.G / kBlock;                                     \
-    const int8_t* qx = a.qx + m0 * a.K;                                                                      \
-    const float* dx = a.dx + m0 * nb;                                                                        \
-    const int32_t* corr = nullptr;                                                                           \
-    std::vector<float> sd_buf(MB * nb);                                                                      \
-    float* sd = sd_buf.data(); /* weight scale x activation scale, per (row of x, block) */                  \
-    for (int64_t n = n0; n < n1; ++n) {                                                                      \
-      const uint8_t* row = a.w + n * (Q4 ? a.K / 2 : a.K);                                                   \
-      for (int64_t g = 0; g < ng; ++g) {                                                                     \
-        const float dw = _cvtsh_ss(a.ws[n * ng + g]);                                                        \
-        for (int m = 0; m < MB; ++m)                                                                         \
-          for (int64_t b = g * per; b < (g + 1) * per; ++b) sd[m * nb + b] = dw * dx[m * nb + b];            \
-      }                                                                                                      \
-      __m256 acc0[MB], acc1[MB];                                                                             \
-      for (int m = 0; m < MB; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();                                  \
-      int64_t b = 0;                                                                                         \
-      const char* ahead = reinterpret_cast<const char*>(row) + DL_AHEAD;                                     \
-      for (; b + 1 < nb; b += 2) {                                                                           \
-        _mm_prefetch(ahead + b * (Q4 ? kBlock / 2 : kBlock), _MM_HINT_T0);                                   \
-        DL_QUANT_STEP(BLOCK, b, acc0);                                                                       \
-        DL_QUANT_STEP(BLOCK, b + 1, acc1);                                                                   \
-      }                                                                                                      \
-      if (b < nb) DL_QUANT_STEP(BLOCK, b, acc0);                                                             \
-      for (int m = 0; m < MB; ++m) a.y[(m0 + m) * a.N + n] = hsum8(_mm256_add_ps(acc0[m], acc1[m]));         \
+// Q8 on AVX2. Each weight row's group scales are first multiplied into the activations' block scales (no
+// division or scalar product in the loop, a broadcast load per block); two accumulators per row of x
+// (even and odd blocks) so consecutive blocks do not wait on one FMA chain.
+template <int MB>
+T2 void q8_avx2(const QuantArgs& a, int64_t m0, int64_t n0, int64_t n1) {
+  const int64_t nb = a.K / kBlock, ng = a.K / a.G, per = a.G / kBlock;
+  const int8_t* qx = a.qx + m0 * a.K;
+  const float* dx = a.dx + m0 * nb;
+  std::vector<float> sd(MB * nb);  // weight scale x activation scale, per (row of x, block)
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = a.w + n * a.K;
+    for (int64_t g = 0; g < ng; ++g) {
+      const float dw = _cvtsh_ss(a.ws[n * ng + g]);
+      for (int m = 0; m < MB; ++m)
+        for (int64_t b = g * per; b < (g + 1) * per; ++b) sd[m * nb + b] = dw * dx[m * nb + b];
+    }
+    __m256 acc0[MB], acc1[MB];
+    for (int m = 0; m < MB; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
+    const char* ahead = reinterpret_cast<const char*>(row) + DL_AHEAD;
+    int64_t b = 0;
+    for (; b + 1 < nb; b += 2) {
+      _mm_prefetch(ahead + b * kBlock, _MM_HINT_T0);
+      q8_step_avx2<MB>(row, b, qx, sd.data(), nb, acc0);
+      q8_step_avx2<MB>(row, b + 1, qx, sd.data(), nb, acc1);
+    }
+    if (b < nb) q8_step_avx2<MB>(row, b, qx, sd.data(), nb, acc0);
+    for (int m = 0; m < MB; ++m) a.y[(m0 + m) * a.N + n] = hsum8(_mm256_add_ps(acc0[m], acc1[m]));
+  }
+}
+
+// Q8 on AVX-512: two blocks (64 bytes) per instruction, lanes 0-7 summing the first block and 8-15 the
+// second; the sign of w moves onto x with a mask. A last unpaired block runs in the lower half.
+#define DL_Q8_STEP(P, ACC)                                                                                   \
+  {                                                                                                          \
+    _mm_prefetch(ahead + (P) * 2 * kBlock, _MM_HINT_T0);                                                     \
+    const __m512i w = _mm512_loadu_si512(row + (P) * 2 * kBlock);                                            \
+    const __m512i aw = _mm512_abs_epi8(w);                                                                   \
+    const __mmask64 neg = _mm512_movepi8_mask(w);                                                            \
+    __m512 sw;                                                                                               \
+    if (per == 1) {                                                                                          \
+      int32_t two;                                                                                           \
+      std::memcpy(&two, ws + 2 * (P), 4);                                                                    \
+      sw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(two))));      \
+    } else {                                                                                                 \
+      sw = _mm512_set1_ps(_cvtsh_ss(ws[2 * (P) / per]));                                                     \
+    }                                                                                                        \
+    for (int m = 0; m < MB; ++m) {                                                                           \
+      const __m512i xv = _mm512_loadu_si512(qx + m * a.K + (P) * 2 * kBlock);                                \
+      const __m512i d = _mm512_dpbusd_epi32(zero, aw, _mm512_mask_sub_epi8(xv, neg, zero, xv));              \
+      const __m128 d2 = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(dx + m * nb + 2 * (P))));  \
+      const __m512 s = _mm512_mul_ps(sw, _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(d2)));         \
+      ACC[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, ACC[m]);                                            \
     }                                                                                                        \
   }
+
+template <int MB>
+T512 void q8_vnni512(const QuantArgs& a, int64_t m0, int64_t n0, int64_t n1) {
+  const int64_t nb = a.K / kBlock, np = nb / 2, ng = a.K / a.G, per = a.G / kBlock;
+  const int8_t* qx = a.qx + m0 * a.K;
+  const float* dx = a.dx + m0 * nb;
+  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = a.w + n * a.K;
+    const uint16_t* ws = a.ws + n * ng;
+    const char* ahead = reinterpret_cast<const char*>(row) + DL_AHEAD;
+    __m512 acc0[MB], acc1[MB];
+    for (int m = 0; m < MB; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
+    int64_t p = 0;
+    for (; p + 1 < np; p += 2) {
+      DL_Q8_STEP(p, acc0)
+      DL_Q8_STEP(p + 1, acc1)
+    }
+    if (p < np) DL_Q8_STEP(p, acc0)
+    if (nb % 2) {
+      const int64_t b = nb - 1;
+      const __m512i w = _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock)));
+      const __m512i aw = _mm512_abs_epi8(w);
+      const __mmask64 neg = _mm512_movepi8_mask(w);
+      const float dw = _cvtsh_ss(ws[b / per]);
+      for (int m = 0; m < MB; ++m) {
+        const __m512i xv =
+            _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + m * a.K + b * kBlock)));
+        const __m512i d = _mm512_dpbusd_epi32(zero, aw, _mm512_mask_sub_epi8(xv, neg, zero, xv));
+        acc0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(dw * dx[m * nb + b]), acc0[m]);
+      }
+    }
+    for (int m = 0; m < MB; ++m) a.y[(m0 + m) * a.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m]));
+  }
+}
 
 // Q4, two blocks at a time: 32 bytes of nibbles unpack with one AND and one shift into the low nibbles
 // (even elements of both blocks) and the high ones (odd elements), each a dot product against 32
@@ -428,9 +484,6 @@ DL_BLOCK_DOT(block_vnni, T512, udot_vnni)
 
 DL_Q4_KERNEL(q4_avx2, T2, udot_avx2)
 DL_Q4_KERNEL(q4_vnni, T512, udot_vnni)
-
-DL_QUANT_KERNEL(quant_avx2, T2, block_avx2)
-DL_QUANT_KERNEL(quant_vnni, T512, block_vnni)
 #endif
 
 template <bool Q4>
@@ -450,10 +503,10 @@ void quant_rows(const QuantArgs& a, int64_t M, int64_t n0, int64_t n1, int64_t i
         }
       } else {
         switch (mb) {
-          case 4: vnni ? run(quant_vnni<false, 4>) : run(quant_avx2<false, 4>); break;
-          case 3: vnni ? run(quant_vnni<false, 3>) : run(quant_avx2<false, 3>); break;
-          case 2: vnni ? run(quant_vnni<false, 2>) : run(quant_avx2<false, 2>); break;
-          default: vnni ? run(quant_vnni<false, 1>) : run(quant_avx2<false, 1>);
+          case 4: vnni ? run(q8_vnni512<4>) : run(q8_avx2<4>); break;
+          case 3: vnni ? run(q8_vnni512<3>) : run(q8_avx2<3>); break;
+          case 2: vnni ? run(q8_vnni512<2>) : run(q8_avx2<2>); break;
+          default: vnni ? run(q8_vnni512<1>) : run(q8_avx2<1>);
         }
       }
     }
