@@ -18,6 +18,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from dinollama.codellama import Generator, ModelArgs, SamplingParams, build, optimize_for_inference, save_hf
+from dinollama.nn.kernels import cpu_kernels
 
 CONFIG = ModelArgs(dim=768, n_layers=12, n_heads=12, vocab_size=32016, multiple_of=256, rope_theta=1e6, max_seq_len=2048)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -100,6 +101,9 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="*", default=[1, 4, 8], help="aggregate decode tok/s at these batch sizes")
     args = p.parse_args()
     n = sum(x.numel() for x in build(CONFIG).parameters())
+    from codellama_gguf import cpu_name  # noqa: E402 (the bench folder's helper)
+
+    print(f"{cpu_name()}; {cpu_kernels().describe()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {n / 1e6:.0f}M params, batch 1, "
           f"{args.prompt}-token prompt + {args.new} new (decode), {args.prefill}-token prefill; tokens/s (median)")
     print(f"{'dtype':<6}{'hf decode':>11}{'ours decode':>13}{'ratio':>8}{'hf prefill':>12}{'ours prefill':>14}{'ratio':>8}  same greedy tokens")
