@@ -60,18 +60,17 @@ def _load():
 
     _ninja_on_path()
     folder = _build_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / "lock"  # torch's build lock; one left by a build that was killed makes every load wait forever
-    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-        notice(f"removing a stale build lock {lock} (a build was interrupted)")
-        lock.unlink(missing_ok=True)
-    fresh = not any(folder.glob("*.so"))
-    if fresh:
-        print("note: building dinollama's native decode kernels (once per torch version, ~30 s)", file=sys.stderr)
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = folder / "lock"  # torch's build lock; one left by a killed build makes every load wait forever
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            notice(f"removing a stale build lock {lock} (a build was interrupted)")
+            lock.unlink(missing_ok=True)
+        if not any(folder.glob("*.so")):
+            print("note: building dinollama's native decode kernels (once per torch version, ~30 s)", file=sys.stderr)
         return cpp_extension.load("dinollama_gemv", [str(_SOURCE)], build_directory=str(folder),
                                   extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as e:  # no compiler, no ninja, a failed build: the torch kernels still work
+    except Exception as e:  # no compiler, no ninja, an unwritable cache, a failed build: torch's kernels still work
         first = " ".join(str(e).split())[:160]
         notice(f"native decode kernels unavailable ({type(e).__name__}: {first}); using torch's kernels")
         return None
