@@ -142,8 +142,11 @@ class Attention(nn.Module):
         if n:
             qd, kd, vd = (x[0, :n, None].transpose(1, 2) for x in (q, k, v))
             self.cache.update_at(plan.positions, kd, vd)
-            outs.append(self._decode_attention(qd, *self.cache.read(n, 0, plan.mask.shape[-1], q.dtype),
-                                               plan.mask).reshape(n, -1))
+            if native.runs(q) and not self.cache.quantized:  # each row's own cache length, no mask, fp32 inside
+                outs.append(native.decode_attention(q[0, :n], self.cache.k, self.cache.v, plan.positions + 1))
+            else:
+                outs.append(self._decode_attention(qd, *self.cache.read(n, 0, plan.mask.shape[-1], q.dtype),
+                                                   plan.mask).reshape(n, -1))
         lo = n
         for start, row, t in plan.chunks:
             qc, kc, vc = (x[:, lo : lo + t].transpose(1, 2) for x in (q, k, v))

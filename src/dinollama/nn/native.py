@@ -121,10 +121,20 @@ def gemv(x: Tensor, weight: Tensor, scales: Tensor | None = None, kind: str = "f
     return _EXT[0].gemv(x, weight, NO_SCALES if scales is None else scales, _KINDS[kind], _level())
 
 
+def runs(x: Tensor) -> bool:
+    """Whether the native ops take ``x`` at all: CPU inference (no autograd), the extension loaded."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and _level() >= 0
+
+
 def fusable(x: Tensor) -> bool:
-    """Whether the fused decode-step ops take ``x``: CPU inference (no autograd), at most :data:`MAX_ROWS` rows."""
-    return (x.device.type == "cpu" and not torch.is_grad_enabled() and x.numel() <= MAX_ROWS * x.shape[-1]
-            and _level() >= 0)
+    """Whether the fused decode step takes ``x``: :func:`runs`, at most :data:`MAX_ROWS` rows."""
+    return x.numel() <= MAX_ROWS * x.shape[-1] and runs(x)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, row0: int = 0) -> Tensor:
+    """One query per row, ``q`` ``(n, H, d)``, against cache rows ``row0..`` of ``k``/``v`` ``(B, Hkv, L, d)``
+    holding ``lengths[i]`` keys each: ``(n, H * d)`` in q's dtype, fp32 inside, GQA without copies."""
+    return _EXT[0].decode_attention(q, k, v, lengths, row0, _level())
 
 
 def decode_layers(h: Tensor, tensors: list[Tensor], kinds: list[int], positions: Tensor, row0: int,
