@@ -31,7 +31,7 @@ def test_joining_midway_changes_nothing(shipped, kv_dtype):
     p = cl.SamplingParams(max_gen_len=24)
     prompts = _prompts(tok)
     ref = [Engine(model, 1, 256, kv_dtype).run([Request(t, p, frozenset({tok.eos_id}))])[0].tokens for t in prompts]
-    engine = Engine(model, 3, 256, kv_dtype, prefill_chunk=7)  # chunks interleave with decoding
+    engine = Engine(model, 3, 256, kv_dtype, prefill_chunk=7, decode_chunk=5)  # chunks interleave with decoding
     reqs = [Request(t, p, frozenset({tok.eos_id})) for t in prompts]
     engine.add(reqs[0])
     for _ in range(5):

@@ -28,7 +28,7 @@ PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\n\nclass Config:\n    d
 
 @pytest.fixture(scope="module")
 def server():
-    with LiveServer(model="default", vision_model="default", parallel=4, ctx=512, dtype="fp32", prefill_chunk=16) as s:
+    with LiveServer(model="default", vision_model="default", parallel=4, ctx=512, dtype="fp32", prefill_chunk=16, decode_chunk=8) as s:
         yield s
 
 

@@ -32,7 +32,9 @@ def register(sub) -> None:
     p.add_argument("--max-body-mb", type=positive_float, default=20.0, help="largest request body (413 above)")
     p.add_argument("--max-images", type=positive_int, default=16, help="images per embeddings request")
     p.add_argument("--prefill-chunk", type=positive_int, default=512,
-                   help="prompt tokens per step: long prompts prefill in chunks, in the same forward as the decoding")
+                   help="prompt tokens per step while nothing decodes: long prompts prefill in chunks")
+    p.add_argument("--decode-chunk", type=positive_int, default=48,
+                   help="prompt tokens per step while others decode, in the same forward (lower: lower p99 latency)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -70,5 +72,6 @@ def cmd_serve(args) -> int:
     config = ServeConfig(model=args.model, vision_model=args.vision_model, host=args.host, port=args.port,
                          parallel=args.parallel, ctx=args.ctx, api_key=args.api_key, dtype=args.dtype,
                          device=args.device, kv_dtype=args.kv_dtype, max_queue=args.max_queue, timeout_s=args.timeout,
-                         max_body_mb=args.max_body_mb, max_images=args.max_images, prefill_chunk=args.prefill_chunk)
+                         max_body_mb=args.max_body_mb, max_images=args.max_images, prefill_chunk=args.prefill_chunk,
+                         decode_chunk=args.decode_chunk)
     return serve(config)

@@ -35,11 +35,9 @@ def _build_dir() -> Path:
     return root / "ext" / f"gemv-torch{tag}-py{sys.version_info[0]}{sys.version_info[1]}"
 
 
-def extension(build: bool = True):
+def extension():
     """The compiled module, or ``None`` (with a notice) where it cannot be built or loaded."""
     if not _EXT:
-        if not build:
-            return None
         _EXT.append(_load())
     return _EXT[0]
 

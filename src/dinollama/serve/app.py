@@ -47,7 +47,7 @@ def load_models(state: State) -> None:
             model.set_context(c.ctx)
         kv = KV_DTYPES.get(c.kv_dtype, model.tok_embeddings.weight.dtype)
         optimize_for_inference(model, rows_hint=c.parallel)
-        engine = Engine(model, c.parallel, ctx, kv, c.prefill_chunk)
+        engine = Engine(model, c.parallel, ctx, kv, c.prefill_chunk, c.decode_chunk)
         state.generator = Generator(model, tokenizer, kv_dtype=kv)
         state.worker = EngineWorker(engine, c.max_queue)
         state.worker.start()

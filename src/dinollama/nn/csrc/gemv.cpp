@@ -3,10 +3,15 @@
 // stock torch kernels reach half of the bandwidth or less for these shapes and have no int8-in-groups
 // product at all.
 //
-// Weights: f32, bf16, f16 (x in f32, fp32 accumulation), Q8 (int8 codes, one fp16 scale per group
-// of G, G a multiple of 32) and Q4 (nibbles 0..15 stored pairwise, element 2j in the low half of
-// byte j, w = d * (u - 8)). For Q8/Q4 each 32-block of x is rounded to int8 with its own scale, as
-// llama.cpp does, and the products are integer dot products (AVX-512 VNNI, or AVX2's maddubs).
+// Weights: f32, bf16, f16 (fp32 accumulation; a bf16 model's bf16 x bf16 through AVX512-BF16), Q8
+// (int8 codes, one fp16 scale per group of G, G a multiple of 32) and Q4 (nibbles 0..15 stored
+// pairwise, element 2j in the low half of byte j, w = d * (u - 8)). For Q8/Q4 each 32-block of x is
+// rounded to int8 with its own scale, as llama.cpp does, and the products are integer dot products
+// (AVX-512 VNNI, or AVX2's maddubs).
+//
+// Then the small ops of a decode step (RMSNorm, RoPE, silu * up, attention of one query per sequence
+// over its KV cache row) and decode_layers, which runs the whole layer stack of a decode step in one
+// call: from Python those ops cost more in dispatch than in arithmetic.
 //
 // Every instruction-set path has a scalar twin; the caller's `isa` is clamped to what this CPU
 // has, so a missing instruction means a slower path, never a crash.
