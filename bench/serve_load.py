@@ -156,9 +156,7 @@ def main() -> None:
     args = p.parse_args()
     EXTRA.extend(args.serve_args.split())
     exe = args.llama_cpp / "build" / "bin" / "llama-server"
-    k = cpu_kernels()
-    print(f"{cpu_name()}; cpu kernels: ATen {k.capability}, native bf16 {'yes' if k.native_bf16 else 'no'}; "
-          f"torch {torch.__version__}; {args.threads} threads per server")
+    print(f"{cpu_name()}; {cpu_kernels().describe()}; torch {torch.__version__}; {args.threads} threads per server")
     print(f"random Llama dim 768 x 12 layers, vocab 8000, {SLOTS} slots x {SLOT_CTX} tokens, /completion streamed, {args.prompt}-token prompts, "
           f"{args.tokens} tokens each")
     print("type  streams  server        tok/s  ttft p50  ttft p99  itl p50  itl p99  failed   ratio tok/s")

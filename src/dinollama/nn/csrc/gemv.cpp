@@ -20,6 +20,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -44,6 +45,20 @@ constexpr int kRows = 4;    // rows of x per pass over a weight row (accumulator
 #ifndef DL_AHEAD
 #define DL_AHEAD 8192
 #endif
+
+// Rows of x go through a kernel kRows at a time, its accumulators in registers: f(std::integral_constant
+// <int, rows>, first row) for each block of rows, the row count a compile-time constant.
+template <typename F>
+void by_row_blocks(int64_t M, F&& f) {
+  for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+    switch (std::min<int64_t>(kRows, M - m0)) {
+      case 4: f(std::integral_constant<int, 4>{}, m0); break;
+      case 3: f(std::integral_constant<int, 3>{}, m0); break;
+      case 2: f(std::integral_constant<int, 2>{}, m0); break;
+      default: f(std::integral_constant<int, 1>{}, m0);
+    }
+  }
+}
 
 int64_t detect_isa() {
 #ifdef DL_X86
@@ -186,49 +201,20 @@ T512BF void bf16_dot_avx512(const uint16_t* x, int64_t K, const uint16_t* w, flo
 }
 
 void bf16_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, float* y, int64_t N, int64_t n0, int64_t n1) {
-  for (int64_t m0 = 0; m0 < M; m0 += kRows) {
-    const int mb = static_cast<int>(std::min<int64_t>(kRows, M - m0));
-    const uint16_t* xm = x + m0 * K;
-    float* ym = y + m0 * N;
-    switch (mb) {
-      case 4: bf16_dot_avx512<4>(xm, K, w, ym, N, n0, n1); break;
-      case 3: bf16_dot_avx512<3>(xm, K, w, ym, N, n0, n1); break;
-      case 2: bf16_dot_avx512<2>(xm, K, w, ym, N, n0, n1); break;
-      default: bf16_dot_avx512<1>(xm, K, w, ym, N, n0, n1);
-    }
-  }
+  by_row_blocks(M, [&](auto mb, int64_t m0) { bf16_dot_avx512<decltype(mb)::value>(x + m0 * K, K, w, y + m0 * N, N, n0, n1); });
 }
 #endif
 
 template <WType T>
 void float_rows(const float* x, int64_t M, int64_t K, const void* w, float* y, int64_t N, int64_t n0, int64_t n1,
                 int64_t isa) {
-  for (int64_t m0 = 0; m0 < M; m0 += kRows) {
-    const int mb = static_cast<int>(std::min<int64_t>(kRows, M - m0));
-    const float* xm = x + m0 * K;
-    float* ym = y + m0 * N;
 #ifdef DL_X86
-    if (isa == kAvx512) {
-      switch (mb) {
-        case 4: float_avx512<T, 4>(xm, K, w, ym, N, n0, n1); break;
-        case 3: float_avx512<T, 3>(xm, K, w, ym, N, n0, n1); break;
-        case 2: float_avx512<T, 2>(xm, K, w, ym, N, n0, n1); break;
-        default: float_avx512<T, 1>(xm, K, w, ym, N, n0, n1);
-      }
-      continue;
-    }
-    if (isa == kAvx2) {
-      switch (mb) {
-        case 4: float_avx2<T, 4>(xm, K, w, ym, N, n0, n1); break;
-        case 3: float_avx2<T, 3>(xm, K, w, ym, N, n0, n1); break;
-        case 2: float_avx2<T, 2>(xm, K, w, ym, N, n0, n1); break;
-        default: float_avx2<T, 1>(xm, K, w, ym, N, n0, n1);
-      }
-      continue;
-    }
+  if (isa == kAvx512)
+    return by_row_blocks(M, [&](auto mb, int64_t m0) { float_avx512<T, decltype(mb)::value>(x + m0 * K, K, w, y + m0 * N, N, n0, n1); });
+  if (isa == kAvx2)
+    return by_row_blocks(M, [&](auto mb, int64_t m0) { float_avx2<T, decltype(mb)::value>(x + m0 * K, K, w, y + m0 * N, N, n0, n1); });
 #endif
-    float_scalar<T>(xm, mb, K, w, ym, N, n0, n1);
-  }
+  float_scalar<T>(x, M, K, w, y, N, n0, n1);
 }
 
 // ---- quantized weights --------------------------------------------------------------------------
@@ -495,27 +481,12 @@ template <bool Q4>
 void quant_rows(const QuantArgs& a, int64_t M, int64_t n0, int64_t n1, int64_t isa) {
 #ifdef DL_X86
   if (isa != kScalar) {
-    for (int64_t m0 = 0; m0 < M; m0 += kRows) {
-      const int mb = static_cast<int>(std::min<int64_t>(kRows, M - m0));
-      auto run = [&](auto kernel) { kernel(a, m0, n0, n1); };
-      const bool vnni = isa == kAvx512;
-      if constexpr (Q4) {
-        switch (mb) {
-          case 4: vnni ? run(q4_vnni<4>) : run(q4_avx2<4>); break;
-          case 3: vnni ? run(q4_vnni<3>) : run(q4_avx2<3>); break;
-          case 2: vnni ? run(q4_vnni<2>) : run(q4_avx2<2>); break;
-          default: vnni ? run(q4_vnni<1>) : run(q4_avx2<1>);
-        }
-      } else {
-        switch (mb) {
-          case 4: vnni ? run(q8_vnni512<4>) : run(q8_avx2<4>); break;
-          case 3: vnni ? run(q8_vnni512<3>) : run(q8_avx2<3>); break;
-          case 2: vnni ? run(q8_vnni512<2>) : run(q8_avx2<2>); break;
-          default: vnni ? run(q8_vnni512<1>) : run(q8_avx2<1>);
-        }
-      }
-    }
-    return;
+    const bool vnni = isa == kAvx512;
+    return by_row_blocks(M, [&](auto mb, int64_t m0) {
+      constexpr int R = decltype(mb)::value;
+      if constexpr (Q4) vnni ? q4_vnni<R>(a, m0, n0, n1) : q4_avx2<R>(a, m0, n0, n1);
+      else vnni ? q8_vnni512<R>(a, m0, n0, n1) : q8_avx2<R>(a, m0, n0, n1);
+    });
   }
 #endif
   quant_scalar<Q4>(a, M, n0, n1);
