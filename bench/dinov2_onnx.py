@@ -62,6 +62,7 @@ def measure(fns: dict, x: torch.Tensor, rounds: int) -> dict[str, float]:
     with torch.inference_mode():
         for r in range(rounds + 1):
             for name, fn in fns.items():
+                fn(x)  # untimed: lets the previous contender's idle threads stop spinning on our cores
                 t = time.perf_counter()
                 fn(x)
                 if r:  # the first round warms up

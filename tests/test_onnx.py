@@ -58,6 +58,33 @@ def test_classifier_and_the_shipped_default_export(tmp_path, capsys):
     outs = session(tmp_path / "d.onnx").run(None, {"image": x.numpy()})
     with torch.no_grad():
         assert np.abs(outs[0] - model(x).numpy()).max() < 1e-4
+    assert main(["convert", "default", str(tmp_path / "any.onnx"), "--any-size"]) == 0
+    assert "N x 3 x H x W (any multiples of 14)" in capsys.readouterr().out
+    x = torch.rand(2, 3, 84, 112)  # the shipped model's grid is 4x4: resized up, not cropped
+    outs = session(tmp_path / "any.onnx").run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        assert np.abs(outs[0] - model(x).numpy()).max() < 1e-4
     assert main(["convert", "default", str(tmp_path / "d.onnx"), "--image-size", "50", "56"]) == 2
     assert "multiples of the patch size 14" in capsys.readouterr().err
     assert main(["convert", "default", str(tmp_path / "d.safetensors"), "--image-size", "56", "56"]) == 2
+
+
+@pytest.mark.parametrize("name", ["dinov2_vits14", "dinov2_vits14_reg"])
+def test_any_size_export_equals_our_model_at_every_size(name, tmp_path):
+    """One ``dynamic_size`` graph: the position resize runs in ONNX Runtime and still matches ours."""
+    torch.manual_seed(0)
+    model = build(name, depth=2).eval()
+    with torch.no_grad():  # a non-smooth grid: the resize is checked, not hidden by near-constant inputs
+        model.pos_embed.normal_()
+    path = export_onnx(model, tmp_path / "any.onnx", (224, 224), dynamic_size=True)
+    assert "Resize" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    sess = session(path)
+    for size in [(224, 224), (280, 420), (518, 518), (518, 700), (14, 42), (700, 700)]:
+        x = torch.randn(2, 3, *size)
+        outs = sess.run(None, {"image": x.numpy()})
+        with torch.no_grad():
+            ref = model.forward_features(x)
+        assert np.abs(outs[0] - ref["x_norm_clstoken"].numpy()).max() < 1e-4, size
+        assert np.abs(outs[1] - ref["x_norm_patchtokens"].numpy()).max() < 1e-4, size
+    with pytest.raises(Exception, match="(?i)reshape"):  # not a multiple of 14: refused, not cropped silently
+        sess.run(None, {"image": np.zeros((1, 3, 225, 224), dtype=np.float32)})

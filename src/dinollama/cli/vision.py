@@ -197,16 +197,19 @@ def cmd_convert(args) -> int:
         writable_folder(args.output, "OUTPUT")
     else:
         writable_file(args.output, "OUTPUT", parents=True)
-    if args.image_size and fmt != "onnx":
-        raise ValueError(f"--image-size only applies to --format onnx (the {fmt} file holds every size)")
+    if (args.image_size or args.any_size) and fmt != "onnx":
+        flag = "--image-size" if args.image_size else "--any-size"
+        raise ValueError(f"{flag} only applies to --format onnx (the {fmt} file holds every size)")
     model = load(args.checkpoint)  # a path (architecture inferred), 'default', or a hub name with official weights
     if fmt == "onnx":
         from ..dinov2.onnx import export_onnx
 
         backbone = getattr(model, "backbone", model)
         size = args.image_size or [backbone.default_image_size] * 2
-        out = export_onnx(model, args.output, tuple(size))
-        print(f"wrote {out} (onnx, opset 18, input image N x 3 x {size[0]} x {size[1]})")
+        out = export_onnx(model, args.output, tuple(size), dynamic_size=args.any_size)
+        p = backbone.patch_size
+        shape = f"H x W (any multiples of {p})" if args.any_size else f"{size[0]} x {size[1]}"
+        print(f"wrote {out} (onnx, opset 18, input image N x 3 x {shape})")
         return 0
     if getattr(model, "backbone", None) is not None:
         raise ValueError(f"{args.checkpoint}: a classifier (*_lc) converts to onnx only; convert the backbone name")
@@ -267,6 +270,9 @@ def register(sub) -> None:
                    help="default: onnx for a .onnx OUTPUT, else safetensors")
     p.add_argument("--image-size", type=image_size, nargs=2, metavar=("H", "W"), default=None,
                    help="onnx: the input size the graph takes (multiples of 14; default: the model's default_image_size)")
+    p.add_argument("--any-size", action="store_true",
+                   help="onnx: a graph for any multiple of 14, the position resize as an ONNX Resize (--image-size "
+                   "is then the size traced)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("download", help="fetch official weights into the cache (resumable)")

@@ -93,6 +93,18 @@ class Block(nn.Module):
         return x, weights
 
 
+def resize_positions(grid: Tensor, h0: int, w0: int, offset: float, antialias: bool) -> Tensor:
+    """The official bicubic resize of a ``(1, C, side, side)`` position grid to ``h0 x w0`` patches."""
+    if offset:
+        # The offset (a historical kludge of DINO) changes the bicubic sampling grid, so the
+        # scale factor - not the output size - must reach the kernel.
+        side_h, side_w = grid.shape[-2:]
+        kwargs: dict = {"scale_factor": ((h0 + offset) / side_h, (w0 + offset) / side_w)}
+    else:
+        kwargs = {"size": (h0, w0)}
+    return F.interpolate(grid, mode="bicubic", antialias=antialias, **kwargs)
+
+
 def fit_to_patches(x: Tensor, patch_size: int, policy: CropPolicy) -> Tensor:
     """Make H and W multiples of the patch size.
 
@@ -169,14 +181,7 @@ class DinoVisionTransformer(nn.Module):
             raise ValueError(f"pos_embed holds {n_pos} patch positions, not a square grid")
         h0, w0 = h // self.patch_size, w // self.patch_size
         grid = pos[:, 1:].float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        if self.cfg.interpolate_offset:
-            # The offset (a historical kludge of DINO) changes the bicubic sampling grid, so the
-            # scale factor - not the output size - must reach the kernel.
-            off = self.cfg.interpolate_offset
-            kwargs: dict = {"scale_factor": ((h0 + off) / side, (w0 + off) / side)}
-        else:
-            kwargs = {"size": (h0, w0)}
-        grid = F.interpolate(grid, mode="bicubic", antialias=self.cfg.interpolate_antialias, **kwargs)
+        grid = resize_positions(grid, h0, w0, self.cfg.interpolate_offset, self.cfg.interpolate_antialias)
         if grid.shape[-2:] != (h0, w0):
             raise RuntimeError(f"interpolated grid {tuple(grid.shape[-2:])} != expected {(h0, w0)}")
         grid = grid.permute(0, 2, 3, 1).reshape(1, h0 * w0, -1)
