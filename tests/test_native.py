@@ -248,3 +248,43 @@ def test_a_stale_build_lock_is_removed(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(cpp_extension, "load", lambda *a, **k: "built")
     assert native._load() == "built" and not lock.exists()
     assert "removing a stale build lock" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=lambda i: native.ISAS[i])
+@pytest.mark.parametrize("shape", [(1, 24), (33, 40), (257, 384)], ids=str)
+def test_int8_row_quantization_and_epilogue_equal_the_torch_ops(level, shape):
+    """The passes around torch._int_mm (vision's Int8Linear): codes and scales bit for bit, the
+    dequantized product with bias and residual bit for bit, the GELU within its erf polynomial."""
+    torch.manual_seed(0)
+    m, n = shape
+    x = torch.randn(m, n) * 4
+    x[0] = 0.0  # an all-zero row: the scale's floor, codes 0
+    q, scale = EXT.quantize_rows(x, level)
+    ref_scale = (x.abs().amax(1, keepdim=True) / 127.0).clamp_min(1e-12)
+    assert torch.equal(scale, ref_scale) and torch.equal(q, (x / ref_scale).round().to(torch.int8))
+    acc = torch.randint(-(2**20), 2**20, (m, n), dtype=torch.int32)
+    ws, bias, res = torch.rand(n) * 1e-3, torch.randn(n), torch.randn(m, n)
+    plain = acc.float().mul_(scale).mul_(ws) + bias
+    none = torch.empty(0)
+    assert torch.equal(EXT.int8_epilogue(acc, scale, ws, bias, False, res, level), res + plain)
+    assert torch.equal(EXT.int8_epilogue(acc, scale, ws, none, False, none, level), acc.float().mul_(scale).mul_(ws))
+    torch.testing.assert_close(EXT.int8_epilogue(acc, scale, ws, bias, True, none, level), F.gelu(plain),
+                               atol=2e-6, rtol=1e-6)
+    with pytest.raises(RuntimeError, match="int8_epilogue"):
+        EXT.int8_epilogue(acc, scale, ws[:-1], bias, False, none, level)
+
+
+@pytest.mark.parametrize("mode", ["auto", "generic"])
+def test_int8_vit_blocks_run_the_native_passes_and_equal_the_torch_path(mode, monkeypatch):
+    from dinollama.dinov2 import build
+    from dinollama.dinov2 import optimize_for_inference as optimize_vit
+
+    torch.manual_seed(0)
+    model = optimize_vit(build("dinov2_vits14", depth=2, img_size=56).eval(), dtype=torch.int8)
+    x = torch.randn(2, 3, 56, 56)
+    with torch.inference_mode():
+        monkeypatch.setenv(kernels.ENV, "generic")
+        ref = model(x)
+        monkeypatch.setenv(kernels.ENV, mode)
+        assert native.runs(x) == (mode == "auto")
+        torch.testing.assert_close(model(x), ref, atol=1e-4, rtol=1e-4)

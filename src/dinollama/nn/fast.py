@@ -184,6 +184,11 @@ class Int8Linear(nn.Module):
             return y if residual is None else residual + y
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
+        if native.runs(x2):  # the same numbers, one pass in and one out
+            xq, x_scale = native.quantize_rows(x2.contiguous())
+            y = native.int8_epilogue(torch._int_mm(xq, self.weight), x_scale, self.weight_scale, self.bias,
+                                     self.activation == "gelu", residual)
+            return y.view(*shape[:-1], self.out_features)
         x_scale = (x2.abs().amax(1, keepdim=True) / 127.0).clamp_min(1e-12)
         xq = (x2 / x_scale).round_().to(torch.int8)
         y = torch._int_mm(xq, self.weight).float().mul_(x_scale).mul_(self.weight_scale)

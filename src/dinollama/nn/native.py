@@ -135,6 +135,20 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, row0: int
     return _EXT[0].decode_attention(q, k, v, lengths, row0, _level())
 
 
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row symmetric int8 codes of a contiguous float32 ``(M, K)`` and their ``(M, 1)`` scales, in one pass."""
+    q, scale = _EXT[0].quantize_rows(x, _level())
+    return q, scale
+
+
+def int8_epilogue(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None, gelu: bool,
+                  residual: Tensor | None) -> Tensor:
+    """``gelu?(acc * x_scale * w_scale + bias) (+ residual)`` for int32 products ``acc`` ``(M, N)``, in one pass."""
+    none = NO_FLOATS
+    return _EXT[0].int8_epilogue(acc, x_scale, w_scale, none if bias is None else bias, gelu,
+                                 none if residual is None else residual.reshape(acc.shape).contiguous(), _level())
+
+
 def decode_layers(h: Tensor, tensors: list[Tensor], kinds: list[int], positions: Tensor, row0: int,
                   freqs_cis: Tensor, n_heads: int, n_kv: int, eps: float) -> Tensor:
     """Every layer of a decode step in one call (12 tensors and 4 weight kinds a layer, see
@@ -145,6 +159,7 @@ def decode_layers(h: Tensor, tensors: list[Tensor], kinds: list[int], positions:
 
 _KINDS = {"float": 0, "q8": 3, "q4": 4}
 NO_SCALES = torch.empty(0, 1, dtype=torch.float16)  # what a float weight passes as its scales
+NO_FLOATS = torch.empty(0)  # an absent bias or residual
 
 
 if __name__ == "__main__":  # python -m dinollama.nn.native: build now (the install does), say what runs

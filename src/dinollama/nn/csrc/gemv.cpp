@@ -764,6 +764,105 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   return out;
 }
 
+// ---- int8 matrix products: the passes around torch._int_mm -------------------------------------
+// Dynamic int8 linears (vision) spend more time in torch's elementwise passes around the int32
+// product than in the product itself (~10 passes over the activations). These two functions are
+// one pass each: per-row quantization in, and dequantization + bias + GELU + residual out. Their
+// numerics follow Int8Linear's torch code op for op (the GELU's erf is the A&S 7.1.26 polynomial
+// that ATen's vectorized erf also uses, |error| < 1.5e-7).
+
+// Row r of x (M, K): scale = max(amax|x_r| / 127, 1e-12), q = round_half_even(x / scale).
+#define DL_QUANT_ROW_BODY                                                              \
+  float amax = 0.f;                                                                    \
+  _Pragma("omp simd reduction(max : amax)") for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k])); \
+  const float s = std::max(amax / 127.f, 1e-12f);                                      \
+  *scale = s;                                                                          \
+  _Pragma("omp simd") for (int64_t k = 0; k < K; ++k) q[k] = static_cast<int8_t>(static_cast<int32_t>(std::nearbyint(x[k] / s)));
+
+inline void quant_row(const float* x, int64_t K, int8_t* q, float* scale) { DL_QUANT_ROW_BODY }
+#ifdef DL_X86
+T2 void quant_row_avx2(const float* x, int64_t K, int8_t* q, float* scale) { DL_QUANT_ROW_BODY }
+T512 void quant_row_avx512(const float* x, int64_t K, int8_t* q, float* scale) { DL_QUANT_ROW_BODY }
+#endif
+
+std::vector<torch::Tensor> quantize_rows(torch::Tensor x, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat, "quantize_rows: contiguous float32 (M, K)");
+  const int64_t M = x.size(0), K = x.size(1);
+  auto q = torch::empty({M, K}, x.options().dtype(at::kChar));
+  auto scale = torch::empty({M, 1}, x.options());
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = scale.data_ptr<float>();
+  const int64_t level = std::min(isa, detect_isa());
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+#ifdef DL_X86
+      if (level >= kAvx512) { quant_row_avx512(xp + m * K, K, qp + m * K, sp + m); continue; }
+      if (level >= kAvx2) { quant_row_avx2(xp + m * K, K, qp + m * K, sp + m); continue; }
+#endif
+      quant_row(xp + m * K, K, qp + m * K, sp + m);
+    }
+  });
+  return {q, scale};
+}
+
+// 0.5 x (1 + erf(x / sqrt 2)), erf by A&S 7.1.26 with exp_neg: branch-free, so the row loop vectorizes.
+inline float gelu_erf(float x) {
+  const float z = x * 0.70710678118654752f, a = std::fabs(z);
+  const float t = 1.f / (1.f + 0.3275911f * a);
+  const float poly = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
+  const float e = 1.f - poly * exp_neg(-a * a);
+  return x * 0.5f * (1.f + (z < 0.f ? -e : e));
+}
+
+#define DL_DEQUANT_ROW_BODY                                                               \
+  _Pragma("omp simd") for (int64_t n = 0; n < N; ++n) {                                   \
+    float v = static_cast<float>(acc[n]) * xs * ws[n];                                    \
+    if (bias) v += bias[n];                                                               \
+    if (gelu) v = gelu_erf(v);                                                            \
+    y[n] = res ? res[n] + v : v;                                                          \
+  }
+
+inline void dequant_row(const int32_t* acc, float xs, const float* ws, const float* bias, bool gelu, const float* res,
+                        int64_t N, float* y) { DL_DEQUANT_ROW_BODY }
+#ifdef DL_X86
+T2 void dequant_row_avx2(const int32_t* acc, float xs, const float* ws, const float* bias, bool gelu, const float* res,
+                         int64_t N, float* y) { DL_DEQUANT_ROW_BODY }
+T512 void dequant_row_avx512(const int32_t* acc, float xs, const float* ws, const float* bias, bool gelu,
+                             const float* res, int64_t N, float* y) { DL_DEQUANT_ROW_BODY }
+#endif
+
+// y = gelu?(acc * x_scale[m] * w_scale[n] + bias[n]) (+ residual), acc (M, N) int32; empty bias or
+// residual tensors mean none.
+torch::Tensor int8_epilogue(torch::Tensor acc, torch::Tensor x_scale, torch::Tensor w_scale, torch::Tensor bias,
+                            bool gelu, torch::Tensor residual, int64_t isa) {
+  TORCH_CHECK(acc.dim() == 2 && acc.is_contiguous() && acc.scalar_type() == at::kInt, "int8_epilogue: int32 (M, N)");
+  const int64_t M = acc.size(0), N = acc.size(1);
+  auto f32 = [](const torch::Tensor& t) { return t.is_contiguous() && t.scalar_type() == at::kFloat; };
+  TORCH_CHECK(f32(x_scale) && x_scale.numel() == M && f32(w_scale) && w_scale.numel() == N,
+              "int8_epilogue: float32 scales (M) and (N)");
+  TORCH_CHECK(bias.numel() == 0 || (f32(bias) && bias.numel() == N), "int8_epilogue: float32 bias (N)");
+  TORCH_CHECK(residual.numel() == 0 || (f32(residual) && residual.numel() == M * N), "int8_epilogue: float32 residual (M, N)");
+  auto y = torch::empty({M, N}, acc.options().dtype(at::kFloat));
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const float *xs = x_scale.data_ptr<float>(), *ws = w_scale.data_ptr<float>();
+  const float* bp = bias.numel() ? bias.data_ptr<float>() : nullptr;
+  const float* rp = residual.numel() ? residual.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const int64_t level = std::min(isa, detect_isa());
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* res = rp ? rp + m * N : nullptr;
+#ifdef DL_X86
+      if (level >= kAvx512) { dequant_row_avx512(ap + m * N, xs[m], ws, bp, gelu, res, N, yp + m * N); continue; }
+      if (level >= kAvx2) { dequant_row_avx2(ap + m * N, xs[m], ws, bp, gelu, res, N, yp + m * N); continue; }
+#endif
+      dequant_row(ap + m * N, xs[m], ws, bp, gelu, res, N, yp + m * N);
+    }
+  });
+  return y;
+}
+
 // ---- a whole decode step of the layer stack ------------------------------------------------------
 // One call runs every layer for the decode rows: the ~25 torch ops a layer costs from Python (each a
 // few microseconds, 4-6 ms a token at 12 layers) become C++ calls of the kernels above. The numerics
@@ -814,5 +913,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_qk_", &rope_qk_, "rotary embedding in place on the first `heads` heads of each row");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of [gate | up]");
   m.def("decode_attention", &decode_attention, "one query per sequence against its KV cache row");
+  m.def("quantize_rows", &quantize_rows, "per-row symmetric int8 quantization: (codes, scales)");
+  m.def("int8_epilogue", &int8_epilogue, "int32 products to float: scales, bias, GELU, residual in one pass");
   m.def("decode_layers", &decode_layers, "every layer of a decode step for the decode rows");
 }
