@@ -5,7 +5,9 @@
 fp32 on both sides (``optimize_for_inference(model)`` vs ``InferenceSession`` of ``export_onnx``, all
 graph optimizations, as many intra-op threads as torch uses); then our bf16 (where the CPU has native
 bf16) and int8 (dynamic) paths, and ONNX Runtime's own dynamic int8 quantization of the same file
-(``quantize_dynamic``, QInt8 weights). Contenders run interleaved, medians of the rounds.
+(``quantize_dynamic``, QInt8 weights). Where ``openvino`` imports (``pip install openvino``), OpenVINO
+runs the same file too, in f32 and, where the CPU has native bf16, in bf16 (its default there).
+Contenders run one after the other (warm-up, then the rounds), medians of the rounds.
 """
 
 from __future__ import annotations
@@ -38,6 +40,20 @@ def ort_session(path: Path, threads: int):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def openvino_contenders(path: Path, threads: int) -> dict:
+    try:
+        import openvino as ov
+    except ImportError:
+        return {}
+    core, out = ov.Core(), {}
+    for name, precision in [("OV fp32", "f32")] + ([("OV bf16", "bf16")] if cpu_kernels().native_bf16 else []):
+        compiled = core.compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+                                                          "INFERENCE_PRECISION_HINT": precision})
+        request = compiled.create_infer_request()
+        out[name] = lambda x, r=request: r.infer({0: x.numpy()})
+    return out
+
+
 def contenders(arch: str, size: int, tmp: Path, threads: int) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -51,6 +67,7 @@ def contenders(arch: str, size: int, tmp: Path, threads: int) -> dict:
     if cpu_kernels().native_bf16:
         bf16 = optimize_for_inference(model, dtype=torch.bfloat16)
         out["ours bf16"] = lambda x: bf16(x.bfloat16())
+    out |= openvino_contenders(path, threads)
     int8 = optimize_for_inference(model, dtype=torch.int8)
     out["ours int8"] = lambda x: int8(x)
     out["ORT int8"] = lambda x: ort_int8.run(None, {"image": x.numpy()})
@@ -58,16 +75,19 @@ def contenders(arch: str, size: int, tmp: Path, threads: int) -> dict:
 
 
 def measure(fns: dict, x: torch.Tensor, rounds: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    """Images/s of each contender, measured one after the other: interleaved calls let one runtime's
+    idle threads (ONNX Runtime's, OpenVINO's, OpenMP's all spin for a while) slow the next one down."""
+    out = {}
     with torch.inference_mode():
-        for r in range(rounds + 1):
-            for name, fn in fns.items():
-                fn(x)  # untimed: lets the previous contender's idle threads stop spinning on our cores
+        for name, fn in fns.items():
+            fn(x)  # warm-up
+            times = []
+            for _ in range(rounds):
                 t = time.perf_counter()
                 fn(x)
-                if r:  # the first round warms up
-                    times[name].append(time.perf_counter() - t)
-    return {k: len(x) / statistics.median(v) for k, v in times.items()}
+                times.append(time.perf_counter() - t)
+            out[name] = len(x) / statistics.median(times)
+    return out
 
 
 def main() -> None:
@@ -80,7 +100,12 @@ def main() -> None:
     import onnxruntime
 
     threads = torch.get_num_threads()
-    print(f"{cpu_name()}; {cpu_kernels().describe()}; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; "
+    try:
+        import openvino
+        peers = f", openvino {openvino.__version__.split('-')[0]}"
+    except ImportError:
+        peers = ""
+    print(f"{cpu_name()}; {cpu_kernels().describe()}; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}{peers}; "
           f"{threads} threads; images/s (median of {args.rounds})")
     header = None
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,9 +116,13 @@ def main() -> None:
                     r = measure(fns, torch.randn(batch, 3, size, size), args.rounds)
                     if header is None:
                         header = f"{'model':<8}{'px':>5}{'batch':>6}" + "".join(f"{k:>11}" for k in r)
-                        print(header + f"{'fp32 ratio':>12}{'int8 ratio':>12}")
-                    print(f"{arch:<8}{size:>5}{batch:>6}" + "".join(f"{v:>11.2f}" for v in r.values())
-                          + f"{r['ours fp32'] / r['ORT fp32']:>11.2f}x{r['ours int8'] / r['ORT int8']:>11.2f}x", flush=True)
+                        ov = "  vs OV fp32  vs OV bf16" if "OV fp32" in r else ""
+                        print(header + f"{'fp32 ratio':>12}{'int8 ratio':>12}" + ov)
+                    ratios = f"{r['ours fp32'] / r['ORT fp32']:>11.2f}x{r['ours int8'] / r['ORT int8']:>11.2f}x"
+                    if "OV fp32" in r:
+                        ratios += f"{r['ours fp32'] / r['OV fp32']:>11.2f}x"
+                        ratios += f"{r['ours bf16'] / r['OV bf16']:>11.2f}x" if "OV bf16" in r else ""
+                    print(f"{arch:<8}{size:>5}{batch:>6}" + "".join(f"{v:>11.2f}" for v in r.values()) + ratios, flush=True)
 
 
 if __name__ == "__main__":
