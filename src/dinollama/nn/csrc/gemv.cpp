@@ -47,15 +47,22 @@ constexpr int kRows = 4;    // rows of x per pass over a weight row (accumulator
 #endif
 
 // Rows of x go through a kernel kRows at a time, its accumulators in registers: f(std::integral_constant
-// <int, rows>, first row) for each block of rows, the row count a compile-time constant.
+// <int, rows>, first row, t0, t1) for each block of rows over weight rows [t0, t1), the row count a
+// compile-time constant. With more than kRows rows the weight rows go in tiles of ~kTileBytes that stay
+// in L2 for every block of rows, so the weights come from memory once, not once per block of rows.
+constexpr int64_t kTileBytes = 256 * 1024;
 template <typename F>
-void by_row_blocks(int64_t M, F&& f) {
-  for (int64_t m0 = 0; m0 < M; m0 += kRows) {
-    switch (std::min<int64_t>(kRows, M - m0)) {
-      case 4: f(std::integral_constant<int, 4>{}, m0); break;
-      case 3: f(std::integral_constant<int, 3>{}, m0); break;
-      case 2: f(std::integral_constant<int, 2>{}, m0); break;
-      default: f(std::integral_constant<int, 1>{}, m0);
+void by_row_blocks(int64_t M, int64_t n0, int64_t n1, int64_t row_bytes, F&& f) {
+  const int64_t tile = M > kRows ? std::max<int64_t>(1, kTileBytes / std::max<int64_t>(1, row_bytes)) : n1 - n0;
+  for (int64_t t0 = n0; t0 < n1; t0 += tile) {
+    const int64_t t1 = std::min(n1, t0 + tile);
+    for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+      switch (std::min<int64_t>(kRows, M - m0)) {
+        case 4: f(std::integral_constant<int, 4>{}, m0, t0, t1); break;
+        case 3: f(std::integral_constant<int, 3>{}, m0, t0, t1); break;
+        case 2: f(std::integral_constant<int, 2>{}, m0, t0, t1); break;
+        default: f(std::integral_constant<int, 1>{}, m0, t0, t1);
+      }
     }
   }
 }
@@ -201,7 +208,9 @@ T512BF void bf16_dot_avx512(const uint16_t* x, int64_t K, const uint16_t* w, flo
 }
 
 void bf16_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, float* y, int64_t N, int64_t n0, int64_t n1) {
-  by_row_blocks(M, [&](auto mb, int64_t m0) { bf16_dot_avx512<decltype(mb)::value>(x + m0 * K, K, w, y + m0 * N, N, n0, n1); });
+  by_row_blocks(M, n0, n1, 2 * K, [&](auto mb, int64_t m0, int64_t t0, int64_t t1) {
+    bf16_dot_avx512<decltype(mb)::value>(x + m0 * K, K, w, y + m0 * N, N, t0, t1);
+  });
 }
 #endif
 
@@ -209,10 +218,15 @@ template <WType T>
 void float_rows(const float* x, int64_t M, int64_t K, const void* w, float* y, int64_t N, int64_t n0, int64_t n1,
                 int64_t isa) {
 #ifdef DL_X86
+  constexpr int64_t esz = T == kF32 ? 4 : 2;
   if (isa == kAvx512)
-    return by_row_blocks(M, [&](auto mb, int64_t m0) { float_avx512<T, decltype(mb)::value>(x + m0 * K, K, w, y + m0 * N, N, n0, n1); });
+    return by_row_blocks(M, n0, n1, esz * K, [&](auto mb, int64_t m0, int64_t t0, int64_t t1) {
+      float_avx512<T, decltype(mb)::value>(x + m0 * K, K, w, y + m0 * N, N, t0, t1);
+    });
   if (isa == kAvx2)
-    return by_row_blocks(M, [&](auto mb, int64_t m0) { float_avx2<T, decltype(mb)::value>(x + m0 * K, K, w, y + m0 * N, N, n0, n1); });
+    return by_row_blocks(M, n0, n1, esz * K, [&](auto mb, int64_t m0, int64_t t0, int64_t t1) {
+      float_avx2<T, decltype(mb)::value>(x + m0 * K, K, w, y + m0 * N, N, t0, t1);
+    });
 #endif
   float_scalar<T>(x, M, K, w, y, N, n0, n1);
 }
@@ -482,10 +496,11 @@ void quant_rows(const QuantArgs& a, int64_t M, int64_t n0, int64_t n1, int64_t i
 #ifdef DL_X86
   if (isa != kScalar) {
     const bool vnni = isa == kAvx512;
-    return by_row_blocks(M, [&](auto mb, int64_t m0) {
+    const int64_t row_bytes = (Q4 ? a.K / 2 : a.K) + 2 * (a.G > 0 ? a.K / a.G : 1);
+    return by_row_blocks(M, n0, n1, row_bytes, [&](auto mb, int64_t m0, int64_t t0, int64_t t1) {
       constexpr int R = decltype(mb)::value;
-      if constexpr (Q4) vnni ? q4_vnni<R>(a, m0, n0, n1) : q4_avx2<R>(a, m0, n0, n1);
-      else vnni ? q8_vnni512<R>(a, m0, n0, n1) : q8_avx2<R>(a, m0, n0, n1);
+      if constexpr (Q4) vnni ? q4_vnni<R>(a, m0, t0, t1) : q4_avx2<R>(a, m0, t0, t1);
+      else vnni ? q8_vnni512<R>(a, m0, t0, t1) : q8_avx2<R>(a, m0, t0, t1);
     });
   }
 #endif
