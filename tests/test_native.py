@@ -112,9 +112,11 @@ def test_the_mode_picks_the_path(mode, monkeypatch):
     best = min(EXT.best_isa(), 2 if cap.startswith("AVX512") else 1 if cap == "AVX2" else 0)
     assert native.isa() == {"auto": native.ISAS[best], "avx2": native.ISAS[min(1, best)], "generic": "off"}[mode]
     q = QuantLinear.from_float(torch.randn(48, 256), QuantConfig(8, 32))
-    few, many = torch.randn(2, 256), torch.randn(9, 256)
+    few, many = torch.randn(native.MAX_ROWS_F32, 256), torch.randn(native.MAX_ROWS_F32 + 1, 256)
     assert q.kernel(few) == ("generic" if mode == "generic" else "native")
     assert q.kernel(many) == "generic"  # prefill of grouped int8: dequantize + F.linear
+    bf16 = torch.randn(native.MAX_ROWS + 1, 256, dtype=torch.bfloat16)  # AMX/oneDNN products beyond 8 bf16 rows
+    assert q.kernel(bf16[: native.MAX_ROWS]) == q.kernel(few) and q.kernel(bf16) != "native"
     assert native.isa() in kernels.cpu_kernels().describe()
 
 

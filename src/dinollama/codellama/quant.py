@@ -6,7 +6,7 @@ asymmetric int4 is Q4_1 (``w = d * u + m``). Scales (and minima) are float16, on
 1.06 bytes per weight for int8/32, 0.56 for int4/32 (0.62 asymmetric).
 
 Kernels (picked in :meth:`QuantLinear.kernel`, forced to the generic one by
-``DINOLLAMA_KERNELS=generic``): up to 8 rows (decoding), int8 and symmetric int4 run the native
+``DINOLLAMA_KERNELS=generic``): up to 16 f32 or 8 bf16 rows (decoding), int8 and symmetric int4 run the native
 integer dot products of :mod:`dinollama.nn.native`; otherwise int8 per channel ->
 ``torch._weight_int8pack_mm``, int4 in bf16 below 128 rows -> ``torch._weight_int4pack_mm_for_cpu``,
 and the rest (prefill) dequantizes the weight for ``F.linear``.

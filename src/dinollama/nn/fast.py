@@ -102,7 +102,7 @@ def pack_linears(module: nn.Module, rows_hint: int = 2048) -> nn.Module:
 
 
 class DecodeLinear(nn.Module):
-    """A bias-free inference linear: up to :data:`~dinollama.nn.native.MAX_ROWS` rows (decoding) run the
+    """A bias-free inference linear: up to :func:`~dinollama.nn.native.max_rows` rows (decoding) run the
     native matrix-vector kernel, which streams the plain weight near the memory bandwidth in f32, bf16
     and f16; more rows (prefill) run ``F.linear``, as fast as a packed layout at hundreds of rows."""
 
