@@ -11,7 +11,8 @@
 //
 // Then the small ops of a decode step (RMSNorm, RoPE, silu * up, attention of one query per sequence
 // over its KV cache row) and decode_layers, which runs the whole layer stack of a decode step in one
-// call: from Python those ops cost more in dispatch than in arithmetic.
+// call: from Python those ops cost more in dispatch than in arithmetic. Last, the two passes around
+// torch._int_mm for vision's dynamic int8 linears (per-row quantization; dequantize, bias, GELU, residual).
 //
 // Every instruction-set path has a scalar twin; the caller's `isa` is clamped to what this CPU
 // has, so a missing instruction means a slower path, never a crash.
