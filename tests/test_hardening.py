@@ -138,6 +138,7 @@ FAST_PATH_TESTS = [
     "tests/test_long_context.py::test_chunked_prefill_equals_one_pass",
     "tests/test_native.py::test_optimized_model_decodes_as_the_plain_one",
     "tests/test_native.py::test_a_serving_step_equals_the_torch_path",
+    "tests/test_native.py::test_int8_vit_blocks_run_the_native_passes_and_equal_the_torch_path",
 ]
 
 

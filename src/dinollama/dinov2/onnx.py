@@ -41,7 +41,7 @@ def _(grid: Tensor, h0: int, w0: int, offset: float, antialias: bool) -> Tensor:
 def _resize_onnx(grid, h0, w0, offset: float, antialias: bool):
     """ONNX form of :func:`_resize_op`; ``tests/test_onnx.py`` checks it against PyTorch's kernels."""
     from onnxscript import opset18 as op
-    from onnxscript.onnx_types import FLOAT
+    from onnxscript.onnx_types import BOOL, FLOAT
 
     kw = dict(mode="cubic", cubic_coeff_a=-0.5 if antialias else -0.75, exclude_outside=int(antialias),
               antialias=int(antialias), coordinate_transformation_mode="half_pixel")
@@ -51,7 +51,7 @@ def _resize_onnx(grid, h0, w0, offset: float, antialias: bool):
         return op.Resize(grid, None, None, op.Concat(op.Shape(grid, end=2), hw, axis=0), **kw)
     # PyTorch samples at the scale factor it is given, (n + offset) / side, and copies at the same size.
     scale = op.Div(op.Add(op.Cast(hw, to=FLOAT.dtype), op.Constant(value_float=offset)), op.Cast(side, to=FLOAT.dtype))
-    same = op.Cast(op.ReduceMin(op.Cast(op.Equal(hw, side), to=FLOAT.dtype), keepdims=1), to=9)  # 9: BOOL
+    same = op.Cast(op.ReduceMin(op.Cast(op.Equal(hw, side), to=FLOAT.dtype), keepdims=1), to=BOOL.dtype)
     scale = op.Where(same, op.Constant(value_floats=[1.0, 1.0]), scale)
     return op.Resize(grid, None, op.Concat(op.Constant(value_floats=[1.0, 1.0]), scale, axis=0), **kw)
 

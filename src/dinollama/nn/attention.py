@@ -64,7 +64,7 @@ class Attention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.bmm_attention = False  # set where it is faster (bf16 on CPU)
+        self.bmm_attention = False  # the trainer sets it (bf16 on CPU); inference keeps SDPA's flash kernel
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 

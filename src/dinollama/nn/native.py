@@ -143,16 +143,14 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, row0: int
 
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-row symmetric int8 codes of a contiguous float32 ``(M, K)`` and their ``(M, 1)`` scales, in one pass."""
-    q, scale = _EXT[0].quantize_rows(x, _level())
-    return q, scale
+    return tuple(_EXT[0].quantize_rows(x, _level()))
 
 
 def int8_epilogue(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None, gelu: bool,
                   residual: Tensor | None) -> Tensor:
     """``gelu?(acc * x_scale * w_scale + bias) (+ residual)`` for int32 products ``acc`` ``(M, N)``, in one pass."""
-    none = NO_FLOATS
-    return _EXT[0].int8_epilogue(acc, x_scale, w_scale, none if bias is None else bias, gelu,
-                                 none if residual is None else residual.reshape(acc.shape).contiguous(), _level())
+    residual = NO_FLOATS if residual is None else residual.reshape(acc.shape).contiguous()
+    return _EXT[0].int8_epilogue(acc, x_scale, w_scale, NO_FLOATS if bias is None else bias, gelu, residual, _level())
 
 
 def decode_layers(h: Tensor, tensors: list[Tensor], kinds: list[int], positions: Tensor, row0: int,
