@@ -166,6 +166,30 @@ def test_without_the_extension_torch_kernels_run_after_a_notice(monkeypatch, cap
     torch.testing.assert_close(DecodeLinear(lin)(x), lin(x))
 
 
+@pytest.mark.parametrize("mode", ["auto", "avx2", "generic"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_prefill_widens_a_16_bit_weight_the_cpu_lacks(mode, dtype, monkeypatch):
+    """From UPCAST_ROWS rows a 16-bit DecodeLinear without native support runs its product in fp32
+    (torch's emulated 16-bit GEMM is slower); with native support it stays 16-bit; the results agree."""
+    from dinollama.nn import fast as nn_fast
+
+    monkeypatch.setenv(kernels.ENV, mode)
+    lin = torch.nn.Linear(96, 40, bias=False).to(dtype)
+    layer = DecodeLinear(lin)
+    seen = []
+    linear = F.linear
+    monkeypatch.setattr(nn_fast.F, "linear", lambda x, w, *a: seen.append(w.dtype) or linear(x, w, *a))
+    x = torch.randn(nn_fast.UPCAST_ROWS + 3, 96).to(dtype)
+    with torch.inference_mode():
+        got = layer(x)
+        layer(x[:nn_fast.UPCAST_ROWS - 1])  # fewer rows: the 16-bit product (the widening costs more there)
+    widened = not kernels.native_dtype_support(dtype)
+    assert seen == [torch.float32 if widened else dtype, dtype] and got.dtype == dtype
+    ref = F.linear(x.double(), lin.weight.double())
+    assert (got.double() - ref).abs().max() <= 2 * torch.finfo(dtype).eps * ref.abs().max()
+    assert widened or mode == "auto"  # the forced modes behave as a CPU without native 16-bit products
+
+
 # --- the fused decode-step ops against the torch ops they replace ---------------------------------
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
