@@ -70,7 +70,8 @@ def llama_bench(exe: Path, gguf: Path, threads: int) -> tuple[dict, bool]:
                             "--repack", repack, "-o", "json"], capture_output=True, text=True)
         if r.returncode == 0:
             rows = json.loads(r.stdout)
-            return {(f"pp{row['n_prompt']}" if row["n_prompt"] else "tg128"): row["avg_ts"] for row in rows}, repack == "0"
+            speeds = {(f"pp{row['n_prompt']}" if row["n_prompt"] else "tg128"): row["avg_ts"] for row in rows}
+            return speeds, repack == "0"
     raise RuntimeError(f"llama-bench failed on {gguf}: {r.stderr[-1500:]}")
 
 
@@ -136,8 +137,8 @@ def main() -> None:
         tok = Tokenizer(ROOT / "tests" / "data" / "codellama_tokenizer.model")
         print(f"\nrandom {sum(t.numel() for t in model.parameters()) / 1e6:.0f}M Llama, batch 1; tok/s "
               "(pp64/pp512: prefill of 64/512 tokens, tg128: 128 greedy tokens)")
-        print(f"{'type':<6}{'threads':>8}{'llama.cpp pp64':>15}{'ours':>8}{'ratio':>7}{'llama.cpp pp512':>16}{'ours':>8}{'ratio':>7}{'llama.cpp tg':>14}{'ours tg':>9}"
-              f"{'ratio':>7}  note")
+        print(f"{'type':<6}{'threads':>8}{'llama.cpp pp64':>15}{'ours':>8}{'ratio':>7}{'llama.cpp pp512':>16}"
+              f"{'ours':>8}{'ratio':>7}{'llama.cpp tg':>14}{'ours tg':>9}{'ratio':>7}  note")
         for qtype in args.types:
             m = build(CONFIG).eval()
             m.load_state_dict(model.state_dict())

@@ -33,7 +33,7 @@ def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
     if not kernels.can_pack(dtype):
         name = str(dtype).removeprefix("torch.")
         notice(f"this CPU has no native {name} (needs AVX512-{name.upper()}/AMX); {name} linears run unpacked on "
-               "torch's generic kernels or widened to fp32 (--dtype auto picks fp32 here)")
+               "torch's generic kernels, Code Llama's prefill widened to fp32 (--dtype auto picks fp32 here)")
         return False
     return True
 
