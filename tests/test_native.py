@@ -315,3 +315,54 @@ def test_int8_vit_blocks_run_the_native_passes_and_equal_the_torch_path(mode, mo
         monkeypatch.setenv(kernels.ENV, mode)
         assert native.runs(x) == (mode == "auto")
         torch.testing.assert_close(model(x), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_a_native_call_lets_other_threads_run():
+    """The server streams tokens from other threads while a step runs: the kernels must not hold the GIL."""
+    import threading
+    import time
+
+    x, w = torch.randn(16, 4096), torch.randn(2048, 4096)
+    start = time.perf_counter()
+    EXT.gemv(x, w, native.NO_SCALES, 0, 0)  # the scalar path: slow enough to see
+    alone = time.perf_counter() - start
+    worker = threading.Thread(target=EXT.gemv, args=(x, w, native.NO_SCALES, 0, 0))
+    gaps, last = [], time.perf_counter()
+    worker.start()
+    while worker.is_alive():
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+    worker.join()
+    assert alone > 0.02 and len(gaps) > 100  # holding the GIL, this thread would not run until the call returned
+    assert max(gaps) < alone / 2
+
+
+DEQUANT = [(QuantConfig(8, 32), 256), (QuantConfig(8, 0), 100), (QuantConfig(4, 32), 96), (QuantConfig(4, 32, False), 256),
+           (QuantConfig(4, 64), 128), (QuantConfig(4, 128, False), 384)]
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=lambda i: native.ISAS[i])
+@pytest.mark.parametrize("config,k", DEQUANT, ids=lambda c: str(c))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_dequantize_equals_the_torch_ops(level, config, k, dtype):
+    """Prefill's one-pass dequantized copy: bit for bit what torch's codes * scales (+ mins) gives."""
+    torch.manual_seed(0)
+    q = QuantLinear.from_float(torch.randn(37, k) * 3, config)
+    ref = q.dequantize(dtype)  # autograd on: torch's ops
+    mins = q.mins if config.bits == 4 else native.NO_SCALES
+    got = EXT.dequantize(q.qweight, q.scales, native.NO_SCALES if mins is None else mins, config.bits == 4,
+                         {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype], level)
+    assert got.dtype == dtype and torch.equal(got, ref)
+    with torch.inference_mode():
+        assert torch.equal(q.dequantize(dtype), ref)  # the module's own choice of the native pass
+
+
+def test_int4_prefill_takes_the_dequantized_product_from_16_rows():
+    q = QuantLinear.from_float(torch.randn(64, 256), QuantConfig(4, 32))
+    with torch.inference_mode():
+        few, many = torch.randn(9, 256, dtype=torch.bfloat16), torch.randn(16, 256, dtype=torch.bfloat16)
+        assert (q.kernel(few), q.kernel(many)) == ("int4pack", "generic")
+        ref = F.linear(many.float(), q.dequantize()).bfloat16()
+        assert (q(many).float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max()
+    assert q.kernel(many) == "int4pack"  # with autograd on, torch's slower dequantize: its int4 kernel up to 128 rows

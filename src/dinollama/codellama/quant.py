@@ -23,7 +23,9 @@ from torch import Tensor, nn
 from ..nn import native
 from ..nn.kernels import cpu_kernels
 
-PREFILL_ROWS = 128  # from this many rows a dequantized copy and one matrix product (oneDNN/AMX) win
+# From this many rows a dequantized copy and one matrix product (oneDNN/AMX) beat torch's int4 kernel: with
+# the native one-pass dequantize (0.3 ms for 4096 x 768, torch's ops 3-8 ms) already from 16, else from 128
+PREFILL_ROWS, PREFILL_ROWS_NATIVE = 128, 16
 LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
            "feed_forward.w3")
 
@@ -115,6 +117,9 @@ class QuantLinear(nn.Module):
         return torch.stack([lo, hi], -1).reshape(self.out_features, self.in_features)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        if native.runs(self.scales) and dtype in (torch.float32, torch.bfloat16, torch.float16):
+            mins = self.mins if self.config.bits == 4 else None
+            return native.dequantize(self.qweight, self.scales, mins, self.config.bits, dtype)
         g = self.config.group_size or self.in_features
         c = self.codes().float().reshape(self.out_features, -1, g)
         s = self.scales.float()[..., None]
@@ -148,9 +153,9 @@ class QuantLinear(nn.Module):
             return "native"
         if self.config.bits == 8 and self.config.group_size == 0:
             return "int8pack"
-        # torch's int4 kernel: fast in bf16 for tens of rows, 8-70x slower than dequantize + F.linear in fp32,
-        # and 2.2x slower at 512 rows in bf16 (measured, 134M shapes)
-        few = x.numel() < PREFILL_ROWS * self.in_features
+        # torch's int4 kernel: fast in bf16 for a few rows, 8-70x slower than dequantize + F.linear in fp32,
+        # 3.3x slower at 64 rows in bf16 than the native dequantize + F.linear (measured, 134M shapes)
+        few = x.numel() < (PREFILL_ROWS_NATIVE if native.runs(x) else PREFILL_ROWS) * self.in_features
         if (self.config.bits == 4 and few and x.dtype == torch.bfloat16 and self.out_features % 16 == 0
                 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")):
             return "int4pack"

@@ -68,7 +68,7 @@ def _load():
         if not any(folder.glob("*.so")):
             print("note: building dinollama's native decode kernels (once per torch version, ~30 s)", file=sys.stderr)
         return cpp_extension.load("dinollama_gemv", [str(_SOURCE)], build_directory=str(folder),
-                                  extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+                                  extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, an unwritable cache, a failed build: torch's kernels still work
         first = " ".join(str(e).split())[:160]
         notice(f"native decode kernels unavailable ({type(e).__name__}: {first}); using torch's kernels")
@@ -151,6 +151,13 @@ def int8_epilogue(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | 
     """``gelu?(acc * x_scale * w_scale + bias) (+ residual)`` for int32 products ``acc`` ``(M, N)``, in one pass."""
     residual = NO_FLOATS if residual is None else residual.reshape(acc.shape).contiguous()
     return _EXT[0].int8_epilogue(acc, x_scale, w_scale, NO_FLOATS if bias is None else bias, gelu, residual, _level())
+
+
+def dequantize(codes: Tensor, scales: Tensor, mins: Tensor | None, bits: int, dtype: torch.dtype) -> Tensor:
+    """Q8 / Q4 codes and fp16 group scales (and Q4_1 mins) as a ``dtype`` matrix, in one pass:
+    torch's ``codes * scales`` with the same rounding, without its full-size fp32 temporaries."""
+    kind = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype]
+    return _EXT[0].dequantize(codes, scales, NO_SCALES if mins is None else mins, bits == 4, kind, _level())
 
 
 def decode_layers(h: Tensor, tensors: list[Tensor], kinds: list[int], positions: Tensor, row0: int,

@@ -879,6 +879,116 @@ torch::Tensor int8_epilogue(torch::Tensor acc, torch::Tensor x_scale, torch::Ten
   return y;
 }
 
+// ---- quantized weights as a float matrix, for prefill ---------------------------------------------
+// Many rows go through one dequantized copy and oneDNN's (AMX) product faster than through any integer
+// kernel, but torch's copy (codes to fp32, times the scales, then the cast: three full-size temporaries)
+// took 7-10 ms for a 4096 x 768 matrix, more than the product. One pass here, with its numerics: the code
+// (minus 8 for symmetric Q4) times the fp16 group scale in fp32, plus the group min (Q4_1), rounded once.
+template <typename Out, bool Q4>
+void dequant_rows(const uint8_t* w, const uint16_t* ws, const uint16_t* mins, int64_t K, int64_t G, Out* y,
+                  int64_t n0, int64_t n1) {
+  const int64_t groups = K / G, row_bytes = Q4 ? K / 2 : K;
+  const float offset = Q4 && mins == nullptr ? 8.f : 0.f;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    Out* out = y + n * K;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float d = half_to_float(ws[n * groups + g]), m = mins ? half_to_float(mins[n * groups + g]) : 0.f;
+      for (int64_t i = g * G; i < (g + 1) * G; ++i) {
+        const float c = Q4 ? static_cast<float>(i % 2 ? row[i / 2] >> 4 : row[i / 2] & 15)
+                           : static_cast<float>(static_cast<int8_t>(row[i]));
+        out[i] = static_cast<Out>((c - offset) * d + m);
+      }
+    }
+  }
+}
+
+#ifdef DL_X86
+// The same per 32-code group with AVX-512: codes widened to fp32, the same multiply-add, then the store in
+// the output type with the scalar path's rounding (bf16: round to nearest even on the bits; f16: IEEE).
+template <typename Out>
+T512 inline void store16(Out* y, __m512 v) {
+  if constexpr (std::is_same_v<Out, float>) {
+    _mm512_storeu_ps(y, v);
+  } else if constexpr (std::is_same_v<Out, at::BFloat16>) {
+    const __m512i b = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), _mm512_cvtepi32_epi16(r));
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+}
+
+template <typename Out, bool Q4>
+T512 void dequant_rows_avx512(const uint8_t* w, const uint16_t* ws, const uint16_t* mins, int64_t K, int64_t G,
+                              Out* y, int64_t n0, int64_t n1) {
+  const int64_t groups = K / G, row_bytes = Q4 ? K / 2 : K;
+  const __m512 offset = _mm512_set1_ps(Q4 && mins == nullptr ? 8.f : 0.f);
+  const __m128i low = _mm_set1_epi8(15);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    Out* out = y + n * K;
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m512 d = _mm512_set1_ps(half_to_float(ws[n * groups + g]));
+      const __m512 m = _mm512_set1_ps(mins ? half_to_float(mins[n * groups + g]) : 0.f);
+      for (int64_t i = g * G; i < (g + 1) * G; i += 32) {
+        __m512i c0, c1;
+        if constexpr (Q4) {  // 16 bytes: elements 2j (low nibble) and 2j + 1 (high)
+          const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i / 2));
+          const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+          c0 = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
+          c1 = _mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi));
+        } else {
+          c0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i)));
+          c1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i + 16)));
+        }
+        // (c - offset) * d + m rounded twice, as torch does (the build turns off contraction into FMA)
+        store16(out + i, _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(c0), offset), d), m));
+        store16(out + i + 16, _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(c1), offset), d), m));
+      }
+    }
+  }
+}
+#endif
+
+// (N, K) in `wtype`'s dtype (0 f32, 1 bf16, 2 f16) from Q8 (int8) or Q4 (uint8 nibble pairs, low first)
+// codes with fp16 scales (N, K / G) and, for asymmetric Q4, fp16 mins of the same shape (else empty).
+torch::Tensor dequantize(torch::Tensor w, torch::Tensor scales, torch::Tensor mins, bool q4, int64_t wtype, int64_t isa) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == (q4 ? at::kByte : at::kChar),
+              "dequantize: contiguous codes, int8 (Q8) or uint8 (Q4)");
+  const int64_t N = w.size(0), K = q4 ? 2 * w.size(1) : w.size(1);
+  TORCH_CHECK(scales.dim() == 2 && scales.is_contiguous() && scales.scalar_type() == at::kHalf &&
+                  scales.size(0) == N && scales.size(1) > 0 && K % scales.size(1) == 0,
+              "dequantize: contiguous float16 scales (N, K / G)");
+  TORCH_CHECK(mins.numel() == 0 || (q4 && mins.sizes() == scales.sizes() && mins.is_contiguous() &&
+                                    mins.scalar_type() == at::kHalf), "dequantize: mins like the scales, Q4 only");
+  TORCH_CHECK(wtype == kF32 || wtype == kBF16 || wtype == kF16, "dequantize: the output is f32, bf16 or f16");
+  const auto dtype = wtype == kF32 ? at::kFloat : wtype == kBF16 ? at::kBFloat16 : at::kHalf;
+  auto y = torch::empty({N, K}, w.options().dtype(dtype));
+  const auto* wp = static_cast<const uint8_t*>(w.data_ptr());
+  const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  const auto* mp = mins.numel() ? reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>()) : nullptr;
+  const int64_t G = K / scales.size(1);
+  const int64_t level = std::min(isa, detect_isa());
+  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+    DL_DISPATCH(dtype, "dequantize", [&] {
+      auto* yp = y.data_ptr<scalar_t>();
+#ifdef DL_X86
+      if (level >= kAvx512 && G % kBlock == 0) {
+        if (q4) dequant_rows_avx512<scalar_t, true>(wp, sp, mp, K, G, yp, n0, n1);
+        else dequant_rows_avx512<scalar_t, false>(wp, sp, mp, K, G, yp, n0, n1);
+        return;
+      }
+#endif
+      if (q4) dequant_rows<scalar_t, true>(wp, sp, mp, K, G, yp, n0, n1);
+      else dequant_rows<scalar_t, false>(wp, sp, mp, K, G, yp, n0, n1);
+    });
+  });
+  return y;
+}
+
+
 // ---- a whole decode step of the layer stack ------------------------------------------------------
 // One call runs every layer for the decode rows: the ~25 torch ops a layer costs from Python (each a
 // few microseconds, 4-6 ms a token at 12 layers) become C++ calls of the kernels above. The numerics
@@ -921,15 +1031,23 @@ torch::Tensor decode_layers(torch::Tensor h, const std::vector<torch::Tensor>& w
 
 }  // namespace
 
+// Every entry point runs without the GIL: a decode step's products take tens of milliseconds, in which
+// the server's other threads stream the last step's tokens and parse new requests.
+template <typename F>
+void def(py::module_& m, const char* name, F&& f, const char* doc) {
+  m.def(name, std::forward<F>(f), doc, py::call_guard<py::gil_scoped_release>());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemv", &gemv, "y = x @ W.T for few rows of x (float, Q8 or Q4 weights)");
-  m.def("best_isa", &detect_isa, "0 scalar, 1 AVX2+FMA, 2 AVX-512 with VNNI");
-  m.def("has_bf16_dot", &has_bf16_dot, "AVX512-BF16: bf16 x bf16 products for bf16 models");
-  m.def("rmsnorm", &rmsnorm, "Llama's RMSNorm of the last dimension");
-  m.def("rope_qk_", &rope_qk_, "rotary embedding in place on the first `heads` heads of each row");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up of [gate | up]");
-  m.def("decode_attention", &decode_attention, "one query per sequence against its KV cache row");
-  m.def("quantize_rows", &quantize_rows, "per-row symmetric int8 quantization: (codes, scales)");
-  m.def("int8_epilogue", &int8_epilogue, "int32 products to float: scales, bias, GELU, residual in one pass");
-  m.def("decode_layers", &decode_layers, "every layer of a decode step for the decode rows");
+  def(m, "gemv", gemv, "y = x @ W.T for few rows of x (float, Q8 or Q4 weights)");
+  def(m, "best_isa", detect_isa, "0 scalar, 1 AVX2+FMA, 2 AVX-512 with VNNI");
+  def(m, "has_bf16_dot", has_bf16_dot, "AVX512-BF16: bf16 x bf16 products for bf16 models");
+  def(m, "rmsnorm", rmsnorm, "Llama's RMSNorm of the last dimension");
+  def(m, "rope_qk_", rope_qk_, "rotary embedding in place on the first `heads` heads of each row");
+  def(m, "silu_mul", silu_mul, "silu(gate) * up of [gate | up]");
+  def(m, "decode_attention", decode_attention, "one query per sequence against its KV cache row");
+  def(m, "quantize_rows", quantize_rows, "per-row symmetric int8 quantization: (codes, scales)");
+  def(m, "int8_epilogue", int8_epilogue, "int32 products to float: scales, bias, GELU, residual in one pass");
+  def(m, "dequantize", dequantize, "Q8/Q4 codes and scales to a float matrix, in one pass");
+  def(m, "decode_layers", decode_layers, "every layer of a decode step for the decode rows");
 }
