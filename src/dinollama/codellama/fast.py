@@ -50,4 +50,5 @@ def optimize_for_inference(model: Transformer, rows_hint: int = 1) -> Transforme
             decode_linears(model)
         elif onednn_available():
             pack_linears(model, rows_hint)
+    model.invalidate()
     return model

@@ -222,6 +222,7 @@ def quantize(model: nn.Module, scheme: str | QuantConfig = "int8", group_size: i
         if isinstance(lin, nn.Linear):
             setattr(parent, attr, QuantLinear.from_float(lin.weight, config))
     model.quantization = {**config.to_dict(), "head": head}
+    model.invalidate()
     return model
 
 
@@ -233,4 +234,5 @@ def quantized_skeleton(model: nn.Module, spec: dict) -> nn.Module:
         lin = getattr(parent, attr)
         setattr(parent, attr, QuantLinear(lin.in_features, lin.out_features, config, device))
     model.quantization = dict(spec)
+    model.invalidate()
     return model
