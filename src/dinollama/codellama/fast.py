@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..memory import keep_freed_memory
 from ..nn import decode_linears, native, onednn_available, pack_linears
 from .model import Transformer
 from .quant import QuantLinear, cat_quant
@@ -41,11 +42,13 @@ def optimize_for_inference(model: Transformer, rows_hint: int = 1) -> Transforme
     The input projections are stacked (wq/wk/wv, w1/w3). On CPU the float linears become
     :class:`~dinollama.nn.DecodeLinear` where the native kernels run (``native.isa()``), else
     oneDNN-packed. The result serves generation and forward passes but no longer has Meta's
-    ``state_dict``: export or train the unoptimised model.
+    ``state_dict``: export or train the unoptimised model. On CPU the process also keeps its freed
+    memory (:func:`~dinollama.memory.keep_freed_memory`).
     """
     model.eval().requires_grad_(False)
     fuse_projections(model)
     if model.tok_embeddings.weight.device.type == "cpu":
+        keep_freed_memory()  # 512-token f32 prefill 1.8x faster in a process holding ~1 GB besides
         if native.isa() != "off":
             decode_linears(model)
         elif onednn_available():

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..memory import keep_freed_memory
 from ..nn import Attention, LayerScale, Mlp, PackedLinear, onednn_available, self_attention
 from ..nn.fast import Int8Linear
 from .model import Block, DinoVisionTransformer
@@ -65,7 +66,8 @@ def optimize_for_inference(
     LayerScale is folded into the weights before the cast, from the original precision. On other
     devices only the dtype changes. ``dtype=torch.int8`` (CPU) quantizes the block linears to int8
     weights with int8 activations per token (dynamic) and keeps everything else in fp32: inputs
-    and outputs stay float32. The result is for ``torch.inference_mode()``.
+    and outputs stay float32. The result is for ``torch.inference_mode()``. On CPU the process also
+    keeps its freed memory (:func:`~dinollama.memory.keep_freed_memory`).
     """
     model = model if inplace else copy.deepcopy(model)
     model = model.eval().requires_grad_(False)
@@ -73,6 +75,8 @@ def optimize_for_inference(
     on_cpu = model.cls_token.device.type == "cpu"
     if dtype == torch.int8 and not on_cpu:
         raise ValueError("dtype=torch.int8 is the CPU path; on GPUs use bfloat16 or float16")
+    if on_cpu:
+        keep_freed_memory()  # the blocks' large temporaries come back from the heap, not page-faulted in
     if on_cpu and (onednn_available() or dtype == torch.int8):
         model.blocks = nn.ModuleList(InferenceBlock(b, rows_hint, dtype) for b in model.blocks)
     model = model.to(dtype=torch.float32 if dtype == torch.int8 else dtype)
