@@ -909,8 +909,59 @@ void dequant_rows(const uint8_t* w, const uint16_t* ws, const uint16_t* mins, in
 }
 
 #ifdef DL_X86
-// The same per 32-code group with AVX-512: codes widened to fp32, the same multiply-add, then the store in
+// The same per 32-code group with AVX-512 (and AVX2 below): codes widened to fp32, the same multiply-add, then the store in
 // the output type with the scalar path's rounding (bf16: round to nearest even on the bits; f16: IEEE).
+// AVX2 + F16C (AVX2 laptops: Zen 3, Intel client CPUs): 8 values per store, the same rounding.
+template <typename Out>
+T2 inline void store8(Out* y, __m256 v) {
+  if constexpr (std::is_same_v<Out, float>) {
+    _mm256_storeu_ps(y, v);
+  } else if constexpr (std::is_same_v<Out, at::BFloat16>) {
+    const __m256i b = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y), packed);
+  } else {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+}
+
+template <typename Out, bool Q4>
+T2 void dequant_rows_avx2(const uint8_t* w, const uint16_t* ws, const uint16_t* mins, int64_t K, int64_t G, Out* y,
+                          int64_t n0, int64_t n1) {
+  const int64_t groups = K / G, row_bytes = Q4 ? K / 2 : K;
+  const __m256 offset = _mm256_set1_ps(Q4 && mins == nullptr ? 8.f : 0.f);
+  const __m128i low = _mm_set1_epi8(15);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    Out* out = y + n * K;
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m256 d = _mm256_set1_ps(half_to_float(ws[n * groups + g]));
+      const __m256 m = _mm256_set1_ps(mins ? half_to_float(mins[n * groups + g]) : 0.f);
+      for (int64_t i = g * G; i < (g + 1) * G; i += 32) {
+        __m128i c[2];  // 16 codes each, as bytes
+        if constexpr (Q4) {
+          const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i / 2));
+          const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+          c[0] = _mm_unpacklo_epi8(lo, hi);
+          c[1] = _mm_unpackhi_epi8(lo, hi);
+        } else {
+          c[0] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i));
+          c[1] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i + 16));
+        }
+        for (int h = 0; h < 2; ++h)
+          for (int q = 0; q < 2; ++q) {
+            const __m128i part = q ? _mm_srli_si128(c[h], 8) : c[h];
+            const __m256i wide = Q4 ? _mm256_cvtepu8_epi32(part) : _mm256_cvtepi8_epi32(part);
+            const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(wide), offset), d), m);
+            store8(out + i + 16 * h + 8 * q, v);
+          }
+      }
+    }
+  }
+}
+
 template <typename Out>
 T512 inline void store16(Out* y, __m512 v) {
   if constexpr (std::is_same_v<Out, float>) {
@@ -983,6 +1034,11 @@ torch::Tensor dequantize(torch::Tensor w, torch::Tensor scales, torch::Tensor mi
       if (level >= kAvx512 && G % kBlock == 0) {
         if (q4) dequant_rows_avx512<scalar_t, true>(wp, sp, mp, K, G, yp, n0, n1);
         else dequant_rows_avx512<scalar_t, false>(wp, sp, mp, K, G, yp, n0, n1);
+        return;
+      }
+      if (level >= kAvx2 && G % kBlock == 0) {
+        if (q4) dequant_rows_avx2<scalar_t, true>(wp, sp, mp, K, G, yp, n0, n1);
+        else dequant_rows_avx2<scalar_t, false>(wp, sp, mp, K, G, yp, n0, n1);
         return;
       }
 #endif
