@@ -916,6 +916,21 @@ void dequant_rows(const uint8_t* w, const uint16_t* ws, const uint16_t* mins, in
 #ifdef DL_X86
 // The same per 32-code group with AVX-512 (and AVX2 below): codes widened to fp32, the same multiply-add, then the store in
 // the output type with the scalar path's rounding (bf16: round to nearest even on the bits; f16: IEEE).
+// One group's 32 codes as two vectors of 16 bytes, in element order (Q4: element 2j is byte j's low nibble,
+// 2j + 1 its high one; Q8: signed bytes as they are), for both dequantize paths to widen.
+template <bool Q4>
+T2 inline void group_codes(const uint8_t* row, int64_t i, __m128i c[2]) {
+  if constexpr (Q4) {
+    const __m128i low = _mm_set1_epi8(15), b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i / 2));
+    const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+    c[0] = _mm_unpacklo_epi8(lo, hi);
+    c[1] = _mm_unpackhi_epi8(lo, hi);
+  } else {
+    c[0] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i));
+    c[1] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i + 16));
+  }
+}
+
 // AVX2 + F16C (AVX2 laptops: Zen 3, Intel client CPUs): 8 values per store, the same rounding.
 template <typename Out>
 T2 inline void store8(Out* y, __m256 v) {
@@ -937,7 +952,6 @@ T2 void dequant_rows_avx2(const uint8_t* w, const uint16_t* ws, const uint16_t* 
                           int64_t n0, int64_t n1) {
   const int64_t groups = K / G, row_bytes = Q4 ? K / 2 : K;
   const __m256 offset = _mm256_set1_ps(Q4 && mins == nullptr ? 8.f : 0.f);
-  const __m128i low = _mm_set1_epi8(15);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * row_bytes;
     Out* out = y + n * K;
@@ -945,16 +959,8 @@ T2 void dequant_rows_avx2(const uint8_t* w, const uint16_t* ws, const uint16_t* 
       const __m256 d = _mm256_set1_ps(half_to_float(ws[n * groups + g]));
       const __m256 m = _mm256_set1_ps(mins ? half_to_float(mins[n * groups + g]) : 0.f);
       for (int64_t i = g * G; i < (g + 1) * G; i += 32) {
-        __m128i c[2];  // 16 codes each, as bytes
-        if constexpr (Q4) {
-          const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i / 2));
-          const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
-          c[0] = _mm_unpacklo_epi8(lo, hi);
-          c[1] = _mm_unpackhi_epi8(lo, hi);
-        } else {
-          c[0] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i));
-          c[1] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i + 16));
-        }
+        __m128i c[2];
+        group_codes<Q4>(row, i, c);
         for (int h = 0; h < 2; ++h)
           for (int q = 0; q < 2; ++q) {
             const __m128i part = q ? _mm_srli_si128(c[h], 8) : c[h];
@@ -986,7 +992,6 @@ T512 void dequant_rows_avx512(const uint8_t* w, const uint16_t* ws, const uint16
                               Out* y, int64_t n0, int64_t n1) {
   const int64_t groups = K / G, row_bytes = Q4 ? K / 2 : K;
   const __m512 offset = _mm512_set1_ps(Q4 && mins == nullptr ? 8.f : 0.f);
-  const __m128i low = _mm_set1_epi8(15);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * row_bytes;
     Out* out = y + n * K;
@@ -994,16 +999,10 @@ T512 void dequant_rows_avx512(const uint8_t* w, const uint16_t* ws, const uint16
       const __m512 d = _mm512_set1_ps(half_to_float(ws[n * groups + g]));
       const __m512 m = _mm512_set1_ps(mins ? half_to_float(mins[n * groups + g]) : 0.f);
       for (int64_t i = g * G; i < (g + 1) * G; i += 32) {
-        __m512i c0, c1;
-        if constexpr (Q4) {  // 16 bytes: elements 2j (low nibble) and 2j + 1 (high)
-          const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i / 2));
-          const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
-          c0 = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
-          c1 = _mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi));
-        } else {
-          c0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i)));
-          c1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i + 16)));
-        }
+        __m128i c[2];
+        group_codes<Q4>(row, i, c);
+        const __m512i c0 = Q4 ? _mm512_cvtepu8_epi32(c[0]) : _mm512_cvtepi8_epi32(c[0]);
+        const __m512i c1 = Q4 ? _mm512_cvtepu8_epi32(c[1]) : _mm512_cvtepi8_epi32(c[1]);
         // (c - offset) * d + m rounded twice, as torch does (the build turns off contraction into FMA)
         store16(out + i, _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(c0), offset), d), m));
         store16(out + i + 16, _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(c1), offset), d), m));
