@@ -36,7 +36,9 @@ OURS = """
 import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[3]))
 from dinollama.codellama import Generator, SamplingParams, load, optimize_for_inference
-dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}.get(sys.argv[2], torch.bfloat16)
+from dinollama.nn.kernels import auto_dtype
+# quantized files compute in the auto dtype (bf16 where the CPU has it natively, else fp32)
+dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}.get(sys.argv[2]) or auto_dtype()
 model, _ = load(sys.argv[1], dtype=dtype)
 optimize_for_inference(model)
 gen = Generator(model, None)

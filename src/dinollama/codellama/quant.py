@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import native
-from ..nn.kernels import cpu_kernels
+from ..nn.kernels import cpu_kernels, native_dtype_support
 
 # From this many rows a dequantized copy and one matrix product (oneDNN/AMX) beat torch's int4 kernel: with
 # the native one-pass dequantize (0.3 ms for 4096 x 768, torch's ops 3-8 ms) already from 16, else from 128
@@ -173,7 +173,10 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         kind = self.kernel(x)
         if kind == "generic":
-            return F.linear(x, self.dequantize(x.dtype))
+            # bf16/f16 activations on a CPU without that product in hardware: fp32 (torch emulates 16-bit GEMMs,
+            # 4x slower: q8_0 prefill at 0.25x llama.cpp with AVX2 only)
+            compute = x.dtype if native_dtype_support(x.dtype, x.device) else torch.float32
+            return F.linear(x.to(compute), self.dequantize(compute)).to(x.dtype)
         if kind == "native":
             return native.gemv(x, self.qweight, self.scales, "q8" if self.config.bits == 8 else "q4")
         shape = x.shape
