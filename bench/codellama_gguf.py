@@ -1,7 +1,7 @@
 """Code Llama on GGUF files: a cross-check with llama.cpp, then decode/prefill speed side by side.
 
     python bench/codellama_gguf.py --llama-cpp SRC_DIR [--threads 1 2] [--types f32 bf16 f16 q8_0 q4_0]
-                                   [--completion PATH_TO_llama-completion]
+                                   [--completion PATH_TO_llama-completion] [--batches 1 4 8]
 
 SRC_DIR is a built llama.cpp tree (bench/long_context.py --build-llama-cpp makes one from the
 llama-cpp-python sdist). Cross-check: the shipped default model exported by ``save_gguf`` (int8/int4
@@ -9,7 +9,9 @@ written as their own codes) runs in llama.cpp's ``llama-completion`` and in ours
 and a file from llama.cpp's own ``convert_hf_to_gguf.py`` loads here with the source model's logits.
 Speed: a random 134M Llama (issue 16's table), ``llama-bench -p 64,512 -n 128`` against our Generator on
 the same GGUF file, same threads. llama.cpp runs with ``--repack 0`` when its repacked (AMX/AVX-512)
-kernels crash on this CPU, which the script detects and says.
+kernels crash on this CPU, which the script detects and says. Batches: aggregate decode tok/s of
+``--batches`` sequences (64-token prompts, 128 new tokens each) at the largest thread count, against
+``llama-batched-bench -npp 64 -ntg 128`` (built with ``cmake --build build --target llama-batched-bench``).
 """
 
 from __future__ import annotations
@@ -54,8 +56,34 @@ with torch.inference_mode():
             t = time.perf_counter(); model(torch.tensor([prompt[:n]]), 0, last_only=True)
             runs.append(n / (time.perf_counter() - t))
         speeds[f"pp{n}"] = sorted(runs)[1]
-    t = time.perf_counter(); gen.generate([prompt[:1]], p, stop_token=-100); speeds["tg128"] = 128 / (time.perf_counter() - t)
+    runs = []
+    for _ in range(3):  # the median of 3 (llama-bench: the mean of its -r 2)
+        t = time.perf_counter(); gen.generate([prompt[:1]], p, stop_token=-100); runs.append(128 / (time.perf_counter() - t))
+    speeds["tg128"] = sorted(runs)[1]
 print(json.dumps(speeds))
+"""
+OURS_BATCH = """
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[3]))
+from dinollama.codellama import Generator, SamplingParams, load, optimize_for_inference
+from dinollama.nn.kernels import auto_dtype
+dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}.get(sys.argv[2]) or auto_dtype()
+model, _ = load(sys.argv[1], dtype=dtype)
+optimize_for_inference(model)
+gen = Generator(model, None)
+out = {}
+with torch.inference_mode():
+    for b in json.loads(sys.argv[4]):
+        prompts = torch.randint(3, 32000, (b, 64), generator=torch.Generator().manual_seed(b)).tolist()
+        def timed(n):  # the median of 3 generate calls of n tokens each
+            runs = []
+            for _ in range(3):
+                t = time.perf_counter(); gen.generate(prompts, SamplingParams(max_gen_len=n), stop_token=-100)
+                runs.append(time.perf_counter() - t)
+            return sorted(runs)[1]
+        prefill = timed(1)  # the prompts and the first token, sampled from the prefill's logits
+        out[b] = b * 128 / (timed(129) - prefill)
+print(json.dumps(out))
 """
 
 
@@ -84,6 +112,22 @@ def ours(gguf: Path, qtype: str, threads: int) -> dict:
     if r.returncode:
         raise RuntimeError(r.stderr[-2000:])
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def batched(exe: Path, gguf: Path, threads: int, batches: list[int], norepack: bool) -> tuple[dict, dict]:
+    """Aggregate decode tok/s per batch size: llama-batched-bench's ``speed_tg``, and ours."""
+    r = subprocess.run([str(exe), "-m", str(gguf), "-c", "2048", "-b", "2048", "-ub", "512", "-npp", "64", "-ntg", "128",
+                        "-npl", ",".join(map(str, batches)), "-t", str(threads), "--output-format", "jsonl"]
+                       + (["-nr"] if norepack else []), capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"llama-batched-bench failed on {gguf}: {r.stderr[-1500:]}")
+    theirs = {row["pl"]: row["speed_tg"] for row in map(json.loads, r.stdout.strip().splitlines()) if "speed_tg" in row}
+    got = subprocess.run([sys.executable, "-c", OURS_BATCH, str(gguf), gguf.stem.split("-")[-1], str(threads),
+                          json.dumps(batches)], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if got.returncode:
+        raise RuntimeError(got.stderr[-2000:])
+    return theirs, {int(k): v for k, v in json.loads(got.stdout.strip().splitlines()[-1]).items()}
 
 
 def completion_text(exe: Path, gguf: Path, prompt: str, n: int) -> str:
@@ -129,6 +173,7 @@ def main() -> None:
     p.add_argument("--completion", type=Path, help="llama-completion (default: build/bin/llama-completion)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--types", nargs="+", default=["f32", "bf16", "f16", "q8_0", "q4_0"])
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 4, 8], help="aggregate decode tok/s at these batch sizes")
     args = p.parse_args()
     exe = args.llama_cpp / "build" / "bin" / "llama-bench"
     print(f"{cpu_name()}; {cpu_kernels().describe()}; torch {torch.__version__}")
@@ -142,6 +187,7 @@ def main() -> None:
               "(pp64/pp512: prefill of 64/512 tokens, tg128: 128 greedy tokens)")
         print(f"{'type':<6}{'threads':>8}{'llama.cpp pp64':>15}{'ours':>8}{'ratio':>7}{'llama.cpp pp512':>16}"
               f"{'ours':>8}{'ratio':>7}{'llama.cpp tg':>14}{'ours tg':>9}{'ratio':>7}  note")
+        files = {}
         for qtype in args.types:
             m = build(CONFIG).eval()
             m.load_state_dict(model.state_dict())
@@ -156,6 +202,17 @@ def main() -> None:
                 print(f"{qtype:<6}{t:>8}{ref['pp64']:>15.1f}{got['pp64']:>8.1f}{got['pp64'] / ref['pp64']:>6.2f}x"
                       f"{ref['pp512']:>16.1f}{got['pp512']:>8.1f}{got['pp512'] / ref['pp512']:>6.2f}x"
                       f"{ref['tg128']:>14.1f}{got['tg128']:>9.1f}{got['tg128'] / ref['tg128']:>6.2f}x  {note}", flush=True)
+            if args.batches:
+                files[qtype] = (path, norepack)
+        if args.batches:
+            threads = max(args.threads)
+            print(f"\naggregate decode tok/s, {threads} threads, 64-token prompts + 128 new tokens each "
+                  "(llama-batched-bench speed_tg; ours: 128 generate steps, the prefill's time subtracted)")
+            print(f"{'type':<6}{'batch':>6}{'llama.cpp':>11}{'ours':>9}{'ratio':>7}")
+            for qtype, (path, norepack) in files.items():
+                theirs, mine = batched(exe.with_name("llama-batched-bench"), path, threads, args.batches, norepack)
+                for b in args.batches:
+                    print(f"{qtype:<6}{b:>6}{theirs[b]:>11.1f}{mine[b]:>9.1f}{mine[b] / theirs[b]:>6.2f}x", flush=True)
 
 
 if __name__ == "__main__":
