@@ -41,6 +41,20 @@ def test_quant_linear_equals_the_dequantized_product(config, out_features, mode,
     assert q.kernel(torch.randn(200, 256, dtype=torch.bfloat16)) == ("int8pack" if expected == "int8pack" else "generic")
 
 
+@pytest.mark.parametrize("config", [QuantConfig(8, 32), QuantConfig(4, 32), QuantConfig(4, 64, symmetric=False)],
+                         ids=["q8", "q4", "q4-asym"])
+def test_a_16_bit_prefill_without_native_support_computes_in_fp32(config, monkeypatch):
+    """On an AVX2-only CPU torch emulates bf16 GEMMs (q8_0 prefill at 0.25x llama.cpp): the generic
+    kernel widens the activations and takes the fp32 dequantized product, then rounds once to bf16."""
+    monkeypatch.setenv(kernels.ENV, "avx2")  # native_bf16 off, as on Zen 3
+    torch.manual_seed(0)
+    q = QuantLinear.from_float(torch.randn(96, 256), config)
+    x = torch.randn(200, 256, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert q.kernel(x) == "generic"
+        assert torch.equal(q(x), F.linear(x.float(), q.dequantize(torch.float32)).to(torch.bfloat16))
+
+
 def test_a_dtype_cast_keeps_the_format():
     """model.to(bf16) moves nothing of a quantized linear: its codes and fp16 scales are the format."""
     q = QuantLinear.from_float(torch.randn(48, 256), QuantConfig(4, 32, symmetric=False))
