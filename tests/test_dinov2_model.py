@@ -161,6 +161,25 @@ def test_optimize_for_inference_keeps_outputs(name, kw):
     assert model.blocks[0].attn.qkv.weight.dtype == torch.float32  # the original is untouched
 
 
+def test_optimized_model_keeps_each_sizes_positions():
+    """The fast path computes the interpolated position embedding once per input size: a second size,
+    a return to the first and a new size after the parameters change all get their own, exact."""
+    from dinollama.dinov2 import optimize_for_inference
+
+    model = small("dinov2_vits14_reg", depth=1)
+    fast = optimize_for_inference(model)
+    sizes = [(70, 84), (56, 56), (70, 84)]
+    with torch.inference_mode():
+        for h, w in sizes:
+            x = torch.randn(2, 3, h, w)
+            torch.testing.assert_close(fast(x), model(x), atol=1e-4, rtol=1e-4)
+        assert sorted(k[:3] for k in fast.interpolate_pos_encoding.memo) == [(16, 56, 56), (30, 70, 84)]
+        fast.pos_embed.add_(1.0)  # new parameters, a size not seen yet: computed from them
+        x = torch.randn(1, 3, 42, 42)
+        model.pos_embed.add_(1.0)
+        torch.testing.assert_close(fast(x), model(x), atol=1e-4, rtol=1e-4)
+
+
 def test_packed_linear_fusions_match_plain_ops():
     from dinollama.nn import PackedLinear
 

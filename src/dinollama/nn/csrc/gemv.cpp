@@ -327,49 +327,55 @@ T2 inline __m256i udot_avx2(__m256i acc, __m256i u, __m256i s) {  // acc + u . s
 }
 T512 inline __m256i udot_vnni(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
 
-// One Q8 block's integer product as 8 int32 lanes: |w| . (x * sign(w)), the unsigned x signed form of maddubs.
-T2 inline __m256i q8_block_avx2(const uint8_t* row, int64_t b, const int8_t* x) {
-  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));
-  return udot_avx2(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
-}
-
 template <int MB>
 T2 inline __attribute__((always_inline)) void q8_step_avx2(const uint8_t* row, int64_t b, const int8_t* qx,
-                                                           const float* sd, int64_t nb, __m256* acc) {
+                                                           const float* sd, int64_t nb, int64_t K, __m256* acc) {
+  // |w| . (x * sign(w)), the unsigned x signed form of maddubs; |w| is shared by every row of x
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));
+  const __m256i aw = _mm256_sign_epi8(w, w), ones = _mm256_set1_epi16(1);
   for (int m = 0; m < MB; ++m) {
-    const int64_t i = m * nb + b;
-    const __m256 p = _mm256_cvtepi32_ps(q8_block_avx2(row, b, qx + i * kBlock));
-    acc[m] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(sd + i), acc[m]);
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + m * K + b * kBlock));
+    const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)), ones);
+    acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_broadcast_ss(sd + m * nb + b), acc[m]);
   }
 }
 
-// Q8 on AVX2. Each weight row's group scales are first multiplied into the activations' block scales (no
-// division or scalar product in the loop, a broadcast load per block); two accumulators per row of x
-// (even and odd blocks) so consecutive blocks do not wait on one FMA chain.
+// Each weight row's group scales times the activations' block scales, per (row of x, block): a broadcast
+// load per block in the loop, no scalar product there. One scale a block (Q8_0) takes 8 blocks a vector.
+template <int MB>
+T2 inline void q8_scales_avx2(const uint16_t* ws, const float* dx, int64_t nb, int64_t per, float* sd) {
+  for (int m = 0; m < MB; ++m) {
+    int64_t b = 0;
+    if (per == 1)
+      for (; b + 8 <= nb; b += 8)
+        _mm256_storeu_ps(sd + m * nb + b,
+                         _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + b))),
+                                       _mm256_loadu_ps(dx + m * nb + b)));
+    for (; b < nb; ++b) sd[m * nb + b] = _cvtsh_ss(ws[b / per]) * dx[m * nb + b];
+  }
+}
+
+// Q8 on AVX2: two accumulators per row of x (even and odd blocks), so consecutive blocks do not wait on
+// one FMA chain.
 template <int MB>
 T2 void q8_avx2(const QuantArgs& a, int64_t m0, int64_t n0, int64_t n1) {
   const int64_t nb = a.K / kBlock, ng = a.K / a.G, per = a.G / kBlock;
   const int8_t* qx = a.qx + m0 * a.K;
   const float* dx = a.dx + m0 * nb;
-  std::vector<float> sd(MB * nb);  // weight scale x activation scale, per (row of x, block)
+  std::vector<float> sd(MB * nb);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = a.w + n * a.K;
-    for (int64_t g = 0; g < ng; ++g) {
-      const float dw = _cvtsh_ss(a.ws[n * ng + g]);
-      for (int m = 0; m < MB; ++m)
-        for (int64_t b = g * per; b < (g + 1) * per; ++b) sd[m * nb + b] = dw * dx[m * nb + b];
-    }
+    q8_scales_avx2<MB>(a.ws + n * ng, dx, nb, per, sd.data());
     __m256 acc0[MB], acc1[MB];
     for (int m = 0; m < MB; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
     const char* ahead = reinterpret_cast<const char*>(row) + DL_AHEAD;
     int64_t b = 0;
     for (; b + 1 < nb; b += 2) {
       DL_PREFETCH(ahead + b * kBlock, false);
-      q8_step_avx2<MB>(row, b, qx, sd.data(), nb, acc0);
-      q8_step_avx2<MB>(row, b + 1, qx, sd.data(), nb, acc1);
+      q8_step_avx2<MB>(row, b, qx, sd.data(), nb, a.K, acc0);
+      q8_step_avx2<MB>(row, b + 1, qx, sd.data(), nb, a.K, acc1);
     }
-    if (b < nb) q8_step_avx2<MB>(row, b, qx, sd.data(), nb, acc0);
+    if (b < nb) q8_step_avx2<MB>(row, b, qx, sd.data(), nb, a.K, acc0);
     for (int m = 0; m < MB; ++m) a.y[(m0 + m) * a.N + n] = hsum8(_mm256_add_ps(acc0[m], acc1[m]));
   }
 }
