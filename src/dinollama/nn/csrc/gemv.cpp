@@ -326,6 +326,15 @@ T2 inline __m256i udot_avx2(__m256i acc, __m256i u, __m256i s) {  // acc + u . s
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 }
 T512 inline __m256i udot_vnni(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
+// acc + u0 . s0 + u1 . s1 for nibbles u (< 16): both maddubs' pair sums (|.| <= 2 * 15 * 128 each) add in
+// int16 without saturating, so the pair costs one widening instead of two
+T2 inline __m256i udot2_avx2(__m256i acc, __m256i u0, __m256i s0, __m256i u1, __m256i s1) {
+  const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(u0, s0), _mm256_maddubs_epi16(u1, s1));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+T512 inline __m256i udot2_vnni(__m256i acc, __m256i u0, __m256i s0, __m256i u1, __m256i s1) {
+  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc, u0, s0), u1, s1);
+}
 
 template <int MB>
 T2 inline __attribute__((always_inline)) void q8_step_avx2(const uint8_t* row, int64_t b, const int8_t* qx,
@@ -445,7 +454,7 @@ T512 void q8_vnni512(const QuantArgs& a, int64_t m0, int64_t n0, int64_t n1) {
 // (even elements of both blocks) and the high ones (odd elements), each a dot product against 32
 // activation bytes laid out to match (q4_slot). The nibbles u are unsigned, as maddubs/VNNI want, and
 // (u - 8) . x = u . x - 8 sum(x) starts from `corr`. Lanes 0-3 sum the first block, 4-7 the second.
-#define DL_Q4_STEP(UDOT, P, ACC)                                                                                   \
+#define DL_Q4_STEP(UDOT2, P, ACC)                                                                                   \
   {                                                                                                          \
     const __m256i pw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (P) * kBlock));             \
     const __m256i lo = _mm256_and_si256(pw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(pw, 4), m4);        \
@@ -460,14 +469,14 @@ T512 void q8_vnni512(const QuantArgs& a, int64_t m0, int64_t n0, int64_t n1) {
     for (int m = 0; m < MB; ++m) {                                                                           \
       const int8_t* xm = qx + m * a.K + (P) * 2 * kBlock;                                                    \
       const int64_t i = (m * nq + (P)) * 8;                                                                  \
-      __m256i d = UDOT(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr + i)), lo,                   \
-                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm)));                            \
-      d = UDOT(d, hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + kBlock)));                    \
+      const __m256i d = UDOT2(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr + i)), lo,            \
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm)), hi,                                      \
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + kBlock)));                                \
       ACC[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(sw, _mm256_loadu_ps(dx8 + i)), ACC[m]);  \
     }                                                                                                        \
   }
 
-#define DL_Q4_KERNEL(NAME, ATTR, UDOT)                                                                       \
+#define DL_Q4_KERNEL(NAME, ATTR, UDOT, UDOT2)                                                                       \
   template <int MB>                                                                                          \
   ATTR void NAME(const QuantArgs& a, int64_t m0, int64_t n0, int64_t n1) {                                   \
     const int64_t nb = a.K / kBlock, np = nb / 2, nq = (nb + 1) / 2, ng = a.K / a.G, per = a.G / kBlock;     \
@@ -484,10 +493,10 @@ T512 void q8_vnni512(const QuantArgs& a, int64_t m0, int64_t n0, int64_t n1) {
       int64_t p = 0;                                                                                         \
       for (; p + 1 < np; p += 2) {                                                                           \
         DL_PREFETCH(ahead + p * kBlock, false);                                                     \
-        DL_Q4_STEP(UDOT, p, acc0)                                                                                \
-        DL_Q4_STEP(UDOT, p + 1, acc1)                                                                              \
+        DL_Q4_STEP(UDOT2, p, acc0)                                                                                \
+        DL_Q4_STEP(UDOT2, p + 1, acc1)                                                                              \
       }                                                                                                      \
-      if (p < np) DL_Q4_STEP(UDOT, p, acc0)                                                                      \
+      if (p < np) DL_Q4_STEP(UDOT2, p, acc0)                                                                      \
       if (nb % 2) { /* the last, unpaired block: 16 bytes, activations [even | odd] */                       \
         const __m128i pw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (nb - 1) * (kBlock / 2)));  \
         const __m128i l4 = _mm_set1_epi8(15);                                                                \
@@ -504,8 +513,8 @@ T512 void q8_vnni512(const QuantArgs& a, int64_t m0, int64_t n0, int64_t n1) {
     }                                                                                                        \
   }
 
-DL_Q4_KERNEL(q4_avx2, T2, udot_avx2)
-DL_Q4_KERNEL(q4_vnni, T512, udot_vnni)
+DL_Q4_KERNEL(q4_avx2, T2, udot_avx2, udot2_avx2)
+DL_Q4_KERNEL(q4_vnni, T512, udot_vnni, udot2_vnni)
 #endif
 
 template <bool Q4>
