@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
 	@# the native decode kernels (C++, torch.utils.cpp_extension); without a compiler torch's kernels run
-	$(BIN)/python -m dinollama.nn.native
+	$(BIN)/python -c "from dinollama.nn import native; print('dinollama native decode kernels:', native.describe())"
 	@# the web page's browser test needs Debian's chromium; best effort (it is skipped without one)
 	-command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }

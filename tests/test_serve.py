@@ -163,6 +163,26 @@ def test_llama_vim_and_continue_dev_requests(server, reference):
     assert streamed[-1]["stop"] is True and "".join(e["content"] for e in streamed) == body["choices"][0]["text"]
 
 
+def test_infill_puts_the_extra_chunks_before_bos_as_llama_server_does(server):
+    from dinollama.serve.llama_api import SNIPPET, infill_prompt
+    from dinollama.serve.schemas import InfillRequest
+    tok = server.state.tokenizer
+    body = InfillRequest(input_prefix="def f(x):\n", input_suffix="\n\nf(1)\n", prompt="    ",
+                         input_extra=[{"filename": "a.py", "text": "A = 1\n"}, {"filename": "b.py", "text": "B = 2\n"}])
+    tokens, truncated = infill_prompt(server.state, body, 16)
+    extra = [t for c in ("A = 1\n", "B = 2\n") for t in tok.encode_infilling(SNIPPET) + tok.encode_infilling(c)]
+    fim = [tok.bos_id, tok.prefix_id] + tok.encode("def f(x):\n", False, False) + tok.encode_infilling("    ")
+    assert tokens == extra + fim + [tok.suffix_id] + tok.encode_infilling("\n\nf(1)\n") + [tok.middle_id]
+    assert not truncated
+    long = InfillRequest(input_prefix="x", input_suffix="", input_extra=[{"text": "y = 0\n" * 400}])
+    tokens, truncated = infill_prompt(server.state, long, 16)  # the newest extra tokens that fit, the whole FIM part
+    tail = [tok.bos_id, tok.prefix_id] + tok.encode("x", False, False) + [tok.suffix_id, tok.middle_id]
+    extra = tok.encode_infilling(SNIPPET) + tok.encode_infilling("y = 0\n" * 400)
+    head = tokens[:len(tokens) - len(tail)]
+    assert truncated and tokens[-len(tail):] == tail and 0 < len(head) < len(extra) and extra[-len(head):] == head
+    assert len(tokens) + 16 <= server.state.ctx
+
+
 def test_tokenize_props_health_metrics(server):
     tok = server.state.tokenizer
     status, body = server.post("/tokenize", {"content": "def f(x):", "add_special": True})

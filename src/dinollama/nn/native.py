@@ -4,7 +4,7 @@ Batch-1 decoding is a chain of matrix-vector products bound by the bytes of weig
 no int8-in-groups product at all (Q8_0 ran at 0.07x llama.cpp) and its 16-bit and int4 products
 reach half of the bandwidth or less at one row, so a small C++ extension does those rows. It is
 compiled with ``torch.utils.cpp_extension`` (``make test`` builds it during the install:
-``python -m dinollama.nn.native``) into ``$DINOLLAMA_CACHE`` or ``~/.cache/dinollama``. Its
+``native.describe()`` loads it) into ``$DINOLLAMA_CACHE`` or ``~/.cache/dinollama``. Its
 instruction set is picked at run time (AVX-512 VNNI, AVX2+FMA, or plain C++); where it cannot be
 built the torch kernels run instead, after a one-line notice.
 """
@@ -172,6 +172,3 @@ _KINDS = {"float": 0, "q8": 3, "q4": 4}
 NO_SCALES = torch.empty(0, 1, dtype=torch.float16)  # what a float weight passes as its scales
 NO_FLOATS = torch.empty(0)  # an absent bias or residual
 
-
-if __name__ == "__main__":  # python -m dinollama.nn.native: build now (the install does), say what runs
-    print(f"dinollama native decode kernels: {describe()} ({_build_dir()})")

@@ -19,23 +19,25 @@ N_BATCH = 2048  # llama-server's default batch: the infill prompt keeps 3/4 of i
 
 
 def infill_prompt(state: State, body: InfillRequest, n_predict: int) -> tuple[list[int], bool]:
-    """llama-server's infill layout in Code Llama's own format: the extra chunks (the newest that
-    fit), then ``<s> <PRE> prefix+prompt <SUF>suffix <MID>``, cutting the prefix's head and the
-    suffix's tail to fit; returns the tokens and whether anything was cut."""
+    """llama-server's infill layout (``format_prompt_infill``) in Code Llama's own format: the extra
+    chunks (the newest that fit), then ``<s> <PRE> prefix+prompt <SUF>suffix <MID>``, cutting the
+    prefix's head and the suffix's tail to fit; returns the tokens and whether anything was cut."""
     tok = state.tokenizer
     state.require_infilling()
-    prefix = tok.encode(body.input_prefix, False, False) + (tok.encode_infilling(body.prompt) if body.prompt else [])
+    prefix = tok.encode(body.input_prefix, False, False)
+    prompt = tok.encode_infilling(body.prompt) if body.prompt else []
     suffix = tok.encode_infilling(body.input_suffix)
     extra: list[int] = []
     for chunk in body.input_extra:
         extra += tok.encode_infilling(SNIPPET) + tok.encode_infilling(chunk.text)
-    n_prefix = min(len(prefix), 3 * N_BATCH // 4)
-    n_suffix = min(len(suffix), max(0, N_BATCH // 4 - 2))
-    room = state.ctx - (n_prefix + n_suffix + 4) - max(n_predict, 1)
+    n_prefix = min(len(prefix), 3 * (N_BATCH // 4))
+    n_suffix = min(len(suffix), max(0, N_BATCH // 4 - (2 + len(prompt))))
+    # the extras get the context the rest leaves (llama-server keeps n_ctx - n_batch for them: none below 2K)
+    room = state.ctx - (n_prefix + len(prompt) + n_suffix + 4) - max(n_predict, 1)
     n_extra = min(len(extra), max(0, room))
     truncated = n_prefix < len(prefix) or n_suffix < len(suffix) or n_extra < len(extra)
-    tokens = [tok.bos_id] + extra[len(extra) - n_extra:] + [tok.prefix_id] + prefix[len(prefix) - n_prefix:]
-    return tokens + [tok.suffix_id] + suffix[:n_suffix] + [tok.middle_id], truncated
+    fim = [tok.bos_id, tok.prefix_id] + prefix[len(prefix) - n_prefix:] + prompt
+    return extra[len(extra) - n_extra:] + fim + [tok.suffix_id] + suffix[:n_suffix] + [tok.middle_id], truncated
 
 
 def _params(state: State, body: LlamaCompletionRequest, prompt_len: int):
