@@ -12,6 +12,7 @@ gguf = pytest.importorskip("gguf")
 from dinollama.codellama import (ModelArgs, QuantLinear, SamplingParams, Generator, Tokenizer, Transformer,  # noqa: E402
                                  load, load_gguf, quantize, save_gguf)
 from dinollama.codellama.gguf_file import dequantized, quant_from_gguf  # noqa: E402
+from dinollama.nn import native  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 
@@ -72,7 +73,7 @@ def test_quantized_tensors_equal_ggufs_dequantizer(name, tmp_path):
     q = quant_from_gguf(t)
     assert isinstance(q, QuantLinear) and q.config.group_size == 32
     assert np.abs(q.dequantize().numpy() - ref).max() <= 1e-6 * np.abs(ref).max()  # the file's codes, as stored
-    x = torch.randn(20, 256)  # prefill rows (more than native.max_rows): the weights' own product
+    x = torch.randn(native.WIDENED_ROWS + 8, 256)  # prefill rows (more than the native kernel takes): the weights' own product
     torch.testing.assert_close(q(x), x @ torch.from_numpy(ref).t(), atol=1e-3, rtol=1e-4)
     # decode rows: the native kernel rounds the activations to int8 per block of 32, as llama.cpp does
     exact = x[:2] @ torch.from_numpy(ref).t()

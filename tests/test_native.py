@@ -113,11 +113,15 @@ def test_the_mode_picks_the_path(mode, monkeypatch):
     best = min(EXT.best_isa(), 2 if cap.startswith("AVX512") else 1 if cap == "AVX2" else 0)
     assert native.isa() == {"auto": native.ISAS[best], "avx2": native.ISAS[min(1, best)], "generic": "off"}[mode]
     q = QuantLinear.from_float(torch.randn(48, 256), QuantConfig(8, 32))
-    few, many = torch.randn(native.MAX_ROWS_F32, 256), torch.randn(native.MAX_ROWS_F32 + 1, 256)
+    # without native bf16 the other path widens the weight to fp32, so the native kernel takes prompts too
+    widened = not kernels.native_dtype_support(torch.bfloat16)
+    limit = native.WIDENED_ROWS if widened else native.MAX_ROWS_F32
+    few, many = torch.randn(limit, 256), torch.randn(limit + 1, 256)
     assert q.kernel(few) == ("generic" if mode == "generic" else "native")
     assert q.kernel(many) == "generic"  # prefill of grouped int8: dequantize + F.linear
-    bf16 = torch.randn(native.MAX_ROWS + 1, 256, dtype=torch.bfloat16)  # AMX/oneDNN products beyond 8 bf16 rows
-    assert q.kernel(bf16[: native.MAX_ROWS]) == q.kernel(few) and q.kernel(bf16) != "native"
+    limit = native.WIDENED_ROWS if widened else native.MAX_ROWS  # AMX/oneDNN products beyond 8 bf16 rows
+    bf16 = torch.randn(limit + 1, 256, dtype=torch.bfloat16)
+    assert q.kernel(bf16[:limit]) == q.kernel(few) and q.kernel(bf16) != "native"
     assert native.isa() in kernels.cpu_kernels().describe()
 
 
@@ -170,8 +174,9 @@ def test_without_the_extension_torch_kernels_run_after_a_notice(monkeypatch, cap
 @pytest.mark.parametrize("mode", ["auto", "avx2", "generic"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_prefill_widens_a_16_bit_weight_the_cpu_lacks(mode, dtype, monkeypatch):
-    """From UPCAST_ROWS rows a 16-bit DecodeLinear without native support runs its product in fp32
-    (torch's emulated 16-bit GEMM is slower); with native support it stays 16-bit; the results agree."""
+    """A 16-bit DecodeLinear without native support runs the native kernel (widening in registers) up to
+    WIDENED_ROWS rows, beyond them its product in fp32 (torch's emulated 16-bit GEMM is slower); with
+    native support it stays 16-bit from max_rows; the results agree."""
     from dinollama.nn import fast as nn_fast
 
     monkeypatch.setenv(kernels.ENV, mode)
@@ -180,14 +185,19 @@ def test_prefill_widens_a_16_bit_weight_the_cpu_lacks(mode, dtype, monkeypatch):
     seen = []
     linear = F.linear
     monkeypatch.setattr(nn_fast.F, "linear", lambda x, w, *a: seen.append(w.dtype) or linear(x, w, *a))
-    x = torch.randn(nn_fast.UPCAST_ROWS + 3, 96).to(dtype)
-    with torch.inference_mode():
-        got = layer(x)
-        layer(x[:nn_fast.UPCAST_ROWS - 1])  # fewer rows: the 16-bit product (the widening costs more there)
     widened = not kernels.native_dtype_support(dtype)
-    assert seen == [torch.float32 if widened else dtype, dtype] and got.dtype == dtype
-    ref = F.linear(x.double(), lin.weight.double())
-    assert (got.double() - ref).abs().max() <= 2 * torch.finfo(dtype).eps * ref.abs().max()
+    native_on = native.isa() != "off"
+    ref_w = lin.weight.double()
+    for rows, expect in ((native.WIDENED_ROWS + 3, [torch.float32 if widened else dtype]),
+                         (native.WIDENED_ROWS, [] if widened and native_on else [torch.float32 if widened else dtype]),
+                         (nn_fast.UPCAST_ROWS - 1, [] if widened and native_on else [dtype])):
+        x = torch.randn(rows, 96).to(dtype)
+        seen.clear()
+        with torch.inference_mode():
+            got = layer(x)
+        assert seen == expect and got.dtype == dtype, rows
+        ref = F.linear(x.double(), ref_w)
+        assert (got.double() - ref).abs().max() <= 2 * torch.finfo(dtype).eps * ref.abs().max()
     assert widened or mode == "auto"  # the forced modes behave as a CPU without native 16-bit products
 
 
@@ -363,7 +373,9 @@ def test_int4_prefill_takes_the_dequantized_product_from_16_rows():
     q = QuantLinear.from_float(torch.randn(64, 256), QuantConfig(4, 32))
     with torch.inference_mode():
         few, many = torch.randn(9, 256, dtype=torch.bfloat16), torch.randn(16, 256, dtype=torch.bfloat16)
-        assert (q.kernel(few), q.kernel(many)) == ("int4pack", "generic")
+        widened = not kernels.native_dtype_support(torch.bfloat16)  # then the native kernel takes prompts too
+        assert (q.kernel(few), q.kernel(many)) == (("native",) * 2 if widened else ("int4pack", "generic"))
         ref = F.linear(many.float(), q.dequantize()).bfloat16()
         assert (q(many).float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max()
-    assert q.kernel(many) == "int4pack"  # with autograd on, torch's slower dequantize: its int4 kernel up to 128 rows
+    # with autograd on, torch's slower dequantize: its int4 kernel up to 128 rows
+    assert q.kernel(many) == ("native" if widened else "int4pack")

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..nn import RMSNorm, SwiGLU, apply_rotary_emb, native, precompute_freqs_cis
 from ..nn import DecodeLinear
+from ..nn.kernels import native_dtype_support
 from .kvcache import KVCache, cached_attention, check_fits, plan_memory
 from .quant import QuantLinear
 
@@ -98,6 +99,15 @@ class Step:
     chunks: list[tuple[int, int, int]]
 
 
+def prompt_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, gqa: bool) -> Tensor:
+    """SDPA over a prompt with no past; f16 on a CPU without f16 products runs it in fp32, where torch's
+    f16 kernel is emulated (64 tokens x 12 heads: 0.40 ms against 0.22 ms with the casts, on a Zen 3)."""
+    if q.dtype == torch.float16 and q.device.type == "cpu" and not native_dtype_support(torch.float16):
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal, enable_gqa=gqa)
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+
+
 class Attention(nn.Module):
     """Grouped-query attention with rotary embeddings (``wq, wk, wv, wo``)."""
 
@@ -131,7 +141,7 @@ class Attention(nn.Module):
         elif self.cache is not None and start_pos > 0:  # a chunk after the cached past: fused kernels, no mask
             out = cached_attention(q, k, v, self.cache, start_pos, row)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=self.n_kv != self.n_heads)
+            out = prompt_attention(q, k, v, t > 1, self.n_kv != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
     def _step_attention(self, q: Tensor, k: Tensor, v: Tensor, plan: Step) -> Tensor:
@@ -154,7 +164,7 @@ class Attention(nn.Module):
             if start:
                 chunk = cached_attention(qc, kc, vc, self.cache, start, row)
             else:
-                chunk = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+                chunk = prompt_attention(qc, kc, vc, True, self.n_kv != self.n_heads)
             outs.append(chunk[0].transpose(0, 1).reshape(t, -1))
             lo += t
         return torch.cat(outs)[None]

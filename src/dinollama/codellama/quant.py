@@ -149,7 +149,8 @@ class QuantLinear(nn.Module):
         """Which kernel runs ``x``: ``native``, ``int8pack``, ``int4pack`` or ``generic`` (dequantize + ``F.linear``)."""
         if x.device.type != "cpu" or cpu_kernels().mode == "generic" or x.dtype not in (torch.float32, torch.bfloat16):
             return "generic"
-        if self.config.symmetric and native.usable(x):
+        # without native bf16 the generic path widens the weight to fp32: the native kernel takes prompts too
+        if self.config.symmetric and native.usable(x, widened=not native_dtype_support(torch.bfloat16, x.device)):
             return "native"
         if self.config.bits == 8 and self.config.group_size == 0:
             return "int8pack"

@@ -110,7 +110,8 @@ class DecodeLinear(nn.Module):
     and f16; more rows (prefill) run ``F.linear``, as fast as a packed layout at hundreds of rows. A
     16-bit weight the CPU has no native product for (f16 without AVX512-FP16, bf16 without AVX512-BF16)
     is widened to fp32 per call from :data:`UPCAST_ROWS` rows: torch's emulated 16-bit GEMM is 1.6-4x
-    slower than widening plus fp32 MKL, and the weight stays 16-bit in memory."""
+    slower than widening plus fp32 MKL, and the weight stays 16-bit in memory; up to
+    :data:`~dinollama.nn.native.WIDENED_ROWS` rows the native kernel, widening in registers, is faster still."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -120,10 +121,11 @@ class DecodeLinear(nn.Module):
         self.register_buffer("weight", linear.weight.detach().contiguous(), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if native.usable(x):
-            return native.gemv(x, self.weight)
         w = self.weight
-        if w.dtype != torch.float32 and x.numel() >= UPCAST_ROWS * x.shape[-1] and not native_dtype_support(w.dtype):
+        widened = w.dtype != torch.float32 and not native_dtype_support(w.dtype)
+        if native.usable(x, widened):
+            return native.gemv(x, w)
+        if widened and x.numel() >= UPCAST_ROWS * x.shape[-1]:
             return F.linear(x.float(), w.float()).to(x.dtype)
         return F.linear(x, w)
 
