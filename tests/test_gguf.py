@@ -73,7 +73,7 @@ def test_quantized_tensors_equal_ggufs_dequantizer(name, tmp_path):
     q = quant_from_gguf(t)
     assert isinstance(q, QuantLinear) and q.config.group_size == 32
     assert np.abs(q.dequantize().numpy() - ref).max() <= 1e-6 * np.abs(ref).max()  # the file's codes, as stored
-    x = torch.randn(native.WIDENED_ROWS + 8, 256)  # prefill rows (more than the native kernel takes): the weights' own product
+    x = torch.randn(native.WIDENED_ROWS + 8, 256)  # prefill rows beyond the native kernel's: the weights' own product
     torch.testing.assert_close(q(x), x @ torch.from_numpy(ref).t(), atol=1e-3, rtol=1e-4)
     # decode rows: the native kernel rounds the activations to int8 per block of 32, as llama.cpp does
     exact = x[:2] @ torch.from_numpy(ref).t()
