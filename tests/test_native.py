@@ -114,7 +114,7 @@ def test_the_mode_picks_the_path(mode, monkeypatch):
     assert native.isa() == {"auto": native.ISAS[best], "avx2": native.ISAS[min(1, best)], "generic": "off"}[mode]
     q = QuantLinear.from_float(torch.randn(48, 256), QuantConfig(8, 32))
     # without native bf16 the other path widens the weight to fp32, so the native kernel takes prompts too
-    widened = not kernels.native_dtype_support(torch.bfloat16)
+    widened = not kernels.native_dtype_support(torch.bfloat16) and native.simd()
     limit = native.WIDENED_ROWS if widened else native.MAX_ROWS_F32
     few, many = torch.randn(limit, 256), torch.randn(limit + 1, 256)
     assert q.kernel(few) == ("generic" if mode == "generic" else "native")
@@ -186,7 +186,7 @@ def test_prefill_widens_a_16_bit_weight_the_cpu_lacks(mode, dtype, monkeypatch):
     linear = F.linear
     monkeypatch.setattr(nn_fast.F, "linear", lambda x, w, *a: seen.append(w.dtype) or linear(x, w, *a))
     widened = not kernels.native_dtype_support(dtype)
-    native_on = native.isa() != "off"
+    native_on = native.simd()  # the plain C++ loops take no prompts
     ref_w = lin.weight.double()
     for rows, expect in ((native.WIDENED_ROWS + 3, [torch.float32 if widened else dtype]),
                          (native.WIDENED_ROWS, [] if widened and native_on else [torch.float32 if widened else dtype]),
@@ -373,7 +373,7 @@ def test_int4_prefill_takes_the_dequantized_product_from_16_rows():
     q = QuantLinear.from_float(torch.randn(64, 256), QuantConfig(4, 32))
     with torch.inference_mode():
         few, many = torch.randn(9, 256, dtype=torch.bfloat16), torch.randn(16, 256, dtype=torch.bfloat16)
-        widened = not kernels.native_dtype_support(torch.bfloat16)  # then the native kernel takes prompts too
+        widened = not kernels.native_dtype_support(torch.bfloat16) and native.simd()  # native takes prompts
         assert (q.kernel(few), q.kernel(many)) == (("native",) * 2 if widened else ("int4pack", "generic"))
         ref = F.linear(many.float(), q.dequantize()).bfloat16()
         assert (q(many).float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max()

@@ -27,7 +27,7 @@ STALE_LOCK_S = 600  # a build takes ~30 s; a lock older than this is left over
 MAX_ROWS = 8  # bf16/f16 rows: beyond this oneDNN's AMX/AVX512-BF16 matrix products are faster
 MAX_ROWS_F32 = 16  # f32 rows: the tiled native product matches MKL's at 16 rows, and the fused step saves Python
 # rows whose weights would otherwise be widened to fp32 per call: on a Zen 3 (2 threads, 134M shapes) 64 rows of
-# a 4096 x 768 product took 3.0-3.9 ms native against 6.3 widened from f16 (Q8 3.2 vs 7.9, Q4 2.3 vs 13.2)
+# a 4096 x 768 product took 3.0-3.9 ms native against 6.3 widened from f16 (Q8 3.2-4.0 vs 7.9, Q4 2.3-3.5 vs 13.2)
 WIDENED_ROWS = 128
 _SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
 _EXT: list = []  # [module or None], once loaded or failed
@@ -104,6 +104,11 @@ def isa() -> str:
     return ISAS[level] if level >= 0 else "off"
 
 
+def simd() -> bool:
+    """Whether the native kernels run a vector path here (AVX2 or AVX-512), not the plain C++ loops."""
+    return _level() >= 1
+
+
 def describe() -> str:
     """:func:`isa`, and whether bf16 models' products use AVX512-BF16's bf16 dot product."""
     level = isa()
@@ -120,8 +125,8 @@ def usable(x: Tensor, widened: bool = False) -> bool:
 
     ``widened``: the caller's other path widens its weight to fp32 first (Q8/Q4 codes, or 16-bit
     weights the CPU has no product for); then the native kernels, which widen in registers, take up
-    to :data:`WIDENED_ROWS` rows (prompts of a typical edit)."""
-    rows = WIDENED_ROWS if widened else max_rows(x)
+    to :data:`WIDENED_ROWS` rows (prompts of a typical edit) where they are vectorized (:func:`simd`)."""
+    rows = WIDENED_ROWS if widened and simd() else max_rows(x)
     if x.device.type != "cpu" or x.shape[-1] % 32 or x.numel() > rows * x.shape[-1]:
         return False
     return _level() >= 0
