@@ -218,9 +218,10 @@ def test_rmsnorm_silu_mul_and_rope_equal_the_torch_ops(dtype):
     with torch.no_grad():
         ref = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + norm.eps)).to(dtype) * norm.weight
         torch.testing.assert_close(EXT.rmsnorm(x, norm.weight, norm.eps), ref, rtol=ulp, atol=0)
-    gu = torch.randn(2, 1, 64).to(dtype)
+    gu = torch.randn(2, 1, 64).to(dtype) * 6  # both signs, and tails where sigmoid saturates
     gate, up = gu.chunk(2, -1)
-    torch.testing.assert_close(EXT.silu_mul(gu), F.silu(gate) * up, rtol=ulp, atol=1e-7)
+    for level in LEVELS:  # std::exp, and the vectorized exp of the AVX2 path
+        torch.testing.assert_close(EXT.silu_mul(gu, level), F.silu(gate) * up, rtol=ulp, atol=1e-7)
     heads, kv, d, t = 4, 2, 16, 3
     qkv = torch.randn(t, (heads + 2 * kv) * d).to(dtype)
     freqs = precompute_freqs_cis(d, 50, 1e6)[[5, 9, 20]]
@@ -236,9 +237,10 @@ def test_rmsnorm_silu_mul_and_rope_equal_the_torch_ops(dtype):
 
 @pytest.mark.parametrize("level", LEVELS, ids=lambda i: native.ISAS[i])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_decode_attention_equals_sdpa_per_row(level, dtype):
+@pytest.mark.parametrize("d", [16, 24], ids=["d16", "d24"])  # d24: the vector path's generic twin
+def test_decode_attention_equals_sdpa_per_row(level, dtype, d):
     torch.manual_seed(0)
-    heads, kv, d, rows, length = 4, 2, 16, 4, 40
+    heads, kv, rows, length = 4, 2, 4, 40
     k, v = torch.randn(rows, kv, length, d).to(dtype), torch.randn(rows, kv, length, d).to(dtype)
     q = torch.randn(3, heads, d).to(dtype)
     lengths = torch.tensor([5, 40, 17])

@@ -683,25 +683,6 @@ void rope_qk_(torch::Tensor qkv, int64_t heads, int64_t head_dim, torch::Tensor 
   });
 }
 
-// silu(gate) * up for gu = [gate | up] (T, 2h): silu rounded to the dtype, then the product, as torch does.
-torch::Tensor silu_mul(torch::Tensor gu) {
-  TORCH_CHECK(gu.is_contiguous() && gu.size(-1) % 2 == 0, "silu_mul: contiguous (..., 2 * hidden)");
-  std::vector<int64_t> shape(gu.sizes().begin(), gu.sizes().end());
-  const int64_t h = shape.back() / 2, rows = gu.numel() / (2 * h);
-  shape.back() = h;
-  auto y = torch::empty(shape, gu.options());
-  DL_DISPATCH(gu.scalar_type(), "silu_mul", [&] {
-    const scalar_t* g = gu.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t i = 0; i < h; ++i) {
-        const float a = to_f(g[r * 2 * h + i]);
-        yp[r * h + i] = from_f<scalar_t>(to_f(from_f<scalar_t>(a / (1.f + std::exp(-a)))) * to_f(g[r * 2 * h + h + i]));
-      }
-  });
-  return y;
-}
-
 // One query per sequence against its cache row: q (n, H, d) (a strided view is fine), cache k/v
 // (B, Hkv, L, d), row i of the batch in cache row row0 + i with lengths[i] keys. Scores, softmax and the
 // weighted sum of values all in fp32; the output (n, H * d) in q's dtype. Grouped-query heads share
@@ -724,6 +705,66 @@ inline float exp_neg(float x) {
   bits += static_cast<int32_t>(i) << 23;
   std::memcpy(&e, &bits, 4);
   return e;
+}
+
+// silu(gate) * up for gu = [gate | up] (T, 2h): silu rounded to the dtype, then the product, as torch does.
+// With AVX2 silu(a) = a * sigmoid(a) comes from e = e^-|a| (exp_neg's range), so that the loop vectorizes:
+// std::exp, one call per element, was 1.3% of a bf16 decode step on a Zen 4.
+inline float silu_vec(float a) {
+  const float e = exp_neg(-std::fabs(a));
+  return a * (a >= 0.f ? 1.f : e) / (1.f + e);
+}
+
+#ifdef DL_X86
+// exp_neg for 8 lanes, the same operations in the same order (the compiler kept exp_neg's loops scalar)
+T2 inline __m256 exp_neg8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 i = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 r = _mm256_add_ps(_mm256_sub_ps(x, _mm256_mul_ps(i, _mm256_set1_ps(0.693359375f))),
+                                 _mm256_mul_ps(i, _mm256_set1_ps(2.12194440e-4f)));
+  __m256 e = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(1.f / 720), r), _mm256_set1_ps(1.f / 120));
+  for (const float c : {1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) e = _mm256_add_ps(_mm256_mul_ps(e, r), _mm256_set1_ps(c));
+  const __m256i bits = _mm256_add_epi32(_mm256_castps_si256(e), _mm256_slli_epi32(_mm256_cvtps_epi32(i), 23));
+  return _mm256_castsi256_ps(bits);
+}
+
+T2 void silu_avx2(float* a, int64_t n) {
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(a + i);
+    const __m256 e = exp_neg8(_mm256_or_ps(x, sign));  // e^-|x|
+    const __m256 sel = _mm256_blendv_ps(e, one, _mm256_cmp_ps(x, zero, _CMP_GE_OQ));
+    _mm256_storeu_ps(a + i, _mm256_div_ps(_mm256_mul_ps(x, sel), _mm256_add_ps(one, e)));
+  }
+  for (; i < n; ++i) a[i] = silu_vec(a[i]);
+}
+#endif
+
+torch::Tensor silu_mul(torch::Tensor gu, int64_t isa) {
+  TORCH_CHECK(gu.is_contiguous() && gu.size(-1) % 2 == 0, "silu_mul: contiguous (..., 2 * hidden)");
+  std::vector<int64_t> shape(gu.sizes().begin(), gu.sizes().end());
+  const int64_t h = shape.back() / 2, rows = gu.numel() / (2 * h);
+  shape.back() = h;
+  auto y = torch::empty(shape, gu.options());
+  const bool avx2 = std::min(isa, detect_isa()) >= kAvx2;
+  DL_DISPATCH(gu.scalar_type(), "silu_mul", [&] {
+    const scalar_t* g = gu.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    std::vector<float> buf(h);
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t *gate = g + r * 2 * h, *up = gate + h;
+      for (int64_t i = 0; i < h; ++i) buf[i] = to_f(gate[i]);
+#ifdef DL_X86
+      if (avx2) silu_avx2(buf.data(), h);
+#endif
+      if (!avx2)
+        for (int64_t i = 0; i < h; ++i) buf[i] = buf[i] / (1.f + std::exp(-buf[i]));
+      for (int64_t i = 0; i < h; ++i) yp[r * h + i] = from_f<scalar_t>(to_f(from_f<scalar_t>(buf[i])) * to_f(up[i]));
+    }
+  });
+  return y;
 }
 
 // The body of attend_one, compiled twice: for AVX2+FMA (auto-vectorized under the target attribute)
@@ -756,10 +797,56 @@ void attend_one(const Q* q, const C* k, const C* v, int64_t len, int64_t d, floa
 }
 
 #ifdef DL_X86
+template <typename C>
+constexpr WType cache_wtype() {
+  return std::is_same_v<C, float> ? kF32 : std::is_same_v<C, c10::BFloat16> ? kBF16 : kF16;
+}
+
+// With AVX2 the key and value rows load 8 at a time, widened in registers: the compiler does not
+// vectorize the bf16/f16 conversions of the generic body (2.8 GFLOP/s there, 3-4% of a bf16 decode
+// step at 64 positions on a Zen 4).
 template <typename Q, typename C>
 T2 void attend_one_avx2(const Q* q, const C* k, const C* v, int64_t len, int64_t d, float scale, float* p, float* qf,
                         float* acc, Q* out) {
-  DL_ATTEND_BODY
+  if constexpr (std::is_same_v<C, double>) {
+    DL_ATTEND_BODY
+  } else {
+    if (d % 16) {
+      DL_ATTEND_BODY
+      return;
+    }
+    constexpr WType T = cache_wtype<C>();
+    for (int64_t j = 0; j < d; ++j) qf[j] = to_f(q[j]);
+    float mx = -INFINITY;
+    for (int64_t l = 0; l < len; ++l) {
+      __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+      for (int64_t j = 0; j < d; j += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qf + j), load8<T>(k, l * d + j), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(qf + j + 8), load8<T>(k, l * d + j + 8), s1);
+      }
+      p[l] = hsum8(_mm256_add_ps(s0, s1)) * scale;
+      mx = std::max(mx, p[l]);
+    }
+    __m256 sum = _mm256_setzero_ps();
+    int64_t l = 0;
+    for (; l + 8 <= len; l += 8) {
+      const __m256 e = exp_neg8(_mm256_sub_ps(_mm256_loadu_ps(p + l), _mm256_set1_ps(mx)));
+      _mm256_storeu_ps(p + l, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    float total = hsum8(sum);
+    for (; l < len; ++l) {
+      p[l] = exp_neg(p[l] - mx);
+      total += p[l];
+    }
+    for (int64_t j = 0; j < d; ++j) acc[j] = 0.f;
+    for (int64_t l = 0; l < len; ++l) {
+      const __m256 e = _mm256_set1_ps(p[l]);
+      for (int64_t j = 0; j < d; j += 8)
+        _mm256_storeu_ps(acc + j, _mm256_fmadd_ps(e, load8<T>(v, l * d + j), _mm256_loadu_ps(acc + j)));
+    }
+    for (int64_t j = 0; j < d; ++j) out[j] = from_f<Q>(acc[j] / total);
+  }
 }
 #endif
 
@@ -1104,7 +1191,7 @@ torch::Tensor decode_layers(torch::Tensor h, const std::vector<torch::Tensor>& w
     auto attn = decode_attention(q, k_cache, v_cache, lengths, row0, isa);
     h = h + gemv(attn, w[3], w[4], kind[1], isa);
     auto gate_up = gemv(rmsnorm(h, w[5], eps), w[6], w[7], kind[2], isa);
-    h = h + gemv(silu_mul(gate_up), w[8], w[9], kind[3], isa);
+    h = h + gemv(silu_mul(gate_up, isa), w[8], w[9], kind[3], isa);
   }
   return h;
 }
