@@ -217,7 +217,8 @@ def test_rmsnorm_silu_mul_and_rope_equal_the_torch_ops(dtype):
     ulp = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]  # summation order, exp
     with torch.no_grad():
         ref = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + norm.eps)).to(dtype) * norm.weight
-        torch.testing.assert_close(EXT.rmsnorm(x, norm.weight, norm.eps), ref, rtol=ulp, atol=0)
+        for level in LEVELS:  # f16 rows convert with F16C from AVX2 on
+            torch.testing.assert_close(EXT.rmsnorm(x, norm.weight, norm.eps, level), ref, rtol=ulp, atol=0)
     gu = torch.randn(2, 1, 64).to(dtype) * 6  # both signs, and tails where sigmoid saturates
     gate, up = gu.chunk(2, -1)
     for level in LEVELS:  # std::exp, and the vectorized exp of the AVX2 path
@@ -225,14 +226,15 @@ def test_rmsnorm_silu_mul_and_rope_equal_the_torch_ops(dtype):
     heads, kv, d, t = 4, 2, 16, 3
     qkv = torch.randn(t, (heads + 2 * kv) * d).to(dtype)
     freqs = precompute_freqs_cis(d, 50, 1e6)[[5, 9, 20]]
-    rotated = qkv.clone()
-    EXT.rope_qk_(rotated, heads + kv, d, torch.view_as_real(freqs).contiguous())
     q, k = qkv[:, : heads * d].view(1, t, heads, d), qkv[:, heads * d : (heads + kv) * d].view(1, t, kv, d)
     close = dict(rtol=ulp, atol=1e-6)
-    torch.testing.assert_close(rotated[:, : heads * d], apply_rotary_emb(q, freqs).reshape(t, -1), **close)
-    torch.testing.assert_close(rotated[:, heads * d : (heads + kv) * d], apply_rotary_emb(k, freqs).reshape(t, -1),
-                               **close)
-    assert torch.equal(rotated[:, (heads + kv) * d :], qkv[:, (heads + kv) * d :])  # v untouched
+    for level in LEVELS:
+        rotated = qkv.clone()
+        EXT.rope_qk_(rotated, heads + kv, d, torch.view_as_real(freqs).contiguous(), level)
+        torch.testing.assert_close(rotated[:, : heads * d], apply_rotary_emb(q, freqs).reshape(t, -1), **close)
+        torch.testing.assert_close(rotated[:, heads * d : (heads + kv) * d], apply_rotary_emb(k, freqs).reshape(t, -1),
+                                   **close)
+        assert torch.equal(rotated[:, (heads + kv) * d :], qkv[:, (heads + kv) * d :])  # v untouched
 
 
 @pytest.mark.parametrize("level", LEVELS, ids=lambda i: native.ISAS[i])
