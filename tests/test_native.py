@@ -293,7 +293,7 @@ def test_a_stale_build_lock_is_removed(monkeypatch, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("level", LEVELS, ids=lambda i: native.ISAS[i])
-@pytest.mark.parametrize("shape", [(1, 24), (33, 40), (257, 384)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 24), (33, 40), (5, 45), (257, 384)], ids=str)  # 45: the 8-lane tails
 def test_int8_row_quantization_and_epilogue_equal_the_torch_ops(level, shape):
     """The passes around torch._int_mm (vision's Int8Linear): codes and scales bit for bit, the
     dequantized product with bias and residual bit for bit, the GELU within its erf polynomial."""
@@ -312,6 +312,8 @@ def test_int8_row_quantization_and_epilogue_equal_the_torch_ops(level, shape):
     assert torch.equal(EXT.int8_epilogue(acc, scale, ws, none, False, none, level), acc.float().mul_(scale).mul_(ws))
     torch.testing.assert_close(EXT.int8_epilogue(acc, scale, ws, bias, True, none, level), F.gelu(plain),
                                atol=2e-6, rtol=1e-6)
+    torch.testing.assert_close(EXT.int8_epilogue(acc, scale, ws, none, True, res, level),
+                               res + F.gelu(acc.float().mul_(scale).mul_(ws)), atol=2e-6, rtol=1e-6)
     with pytest.raises(RuntimeError, match="int8_epilogue"):
         EXT.int8_epilogue(acc, scale, ws[:-1], bias, False, none, level)
 

@@ -1022,6 +1022,37 @@ T2 void dequant_row_avx2(const int32_t* acc, float xs, const float* ws, const fl
                          int64_t N, float* y) { DL_DEQUANT_ROW_BODY }
 T512 void dequant_row_avx512(const int32_t* acc, float xs, const float* ws, const float* bias, bool gelu,
                              const float* res, int64_t N, float* y) { DL_DEQUANT_ROW_BODY }
+
+// gelu_erf for 8 lanes, the same operations in the same order: the compiler kept the rows above scalar
+// where they call gelu_erf (1 ms of a 257 x 1536 epilogue, a quarter of a ViT-S/14 int8 image on a Zen 4).
+T2 inline __m256 gelu_erf8(__m256 x) {
+  const __m256 sign = _mm256_set1_ps(-0.f), one = _mm256_set1_ps(1.f);
+  const __m256 z = _mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f)), a = _mm256_andnot_ps(sign, z);
+  const __m256 t = _mm256_div_ps(one, _mm256_add_ps(one, _mm256_mul_ps(_mm256_set1_ps(0.3275911f), a)));
+  __m256 poly = _mm256_sub_ps(_mm256_mul_ps(_mm256_set1_ps(1.061405429f), t), _mm256_set1_ps(1.453152027f));
+  poly = _mm256_add_ps(_mm256_mul_ps(poly, t), _mm256_set1_ps(1.421413741f));
+  poly = _mm256_sub_ps(_mm256_mul_ps(poly, t), _mm256_set1_ps(0.284496736f));
+  poly = _mm256_add_ps(_mm256_mul_ps(poly, t), _mm256_set1_ps(0.254829592f));
+  poly = _mm256_mul_ps(poly, t);
+  const __m256 e = _mm256_sub_ps(one, _mm256_mul_ps(poly, exp_neg8(_mm256_xor_ps(_mm256_mul_ps(a, a), sign))));
+  return _mm256_mul_ps(_mm256_mul_ps(x, _mm256_set1_ps(0.5f)), _mm256_add_ps(one, _mm256_xor_ps(e, _mm256_and_ps(z, sign))));
+}
+
+T2 void dequant_gelu_row_avx2(const int32_t* acc, float xs, const float* ws, const float* bias, const float* res,
+                              int64_t N, float* y) {
+  int64_t n = 0;
+  for (; n + 8 <= N; n += 8) {
+    __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + n))),
+                                           _mm256_set1_ps(xs)), _mm256_loadu_ps(ws + n));
+    if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + n));
+    v = gelu_erf8(v);
+    _mm256_storeu_ps(y + n, res ? _mm256_add_ps(_mm256_loadu_ps(res + n), v) : v);
+  }
+  for (; n < N; ++n) {
+    const float v = gelu_erf(static_cast<float>(acc[n]) * xs * ws[n] + (bias ? bias[n] : 0.f));
+    y[n] = res ? res[n] + v : v;
+  }
+}
 #endif
 
 // y = gelu?(acc * x_scale[m] * w_scale[n] + bias[n]) (+ residual), acc (M, N) int32; empty bias or
@@ -1046,6 +1077,7 @@ torch::Tensor int8_epilogue(torch::Tensor acc, torch::Tensor x_scale, torch::Ten
     for (int64_t m = m0; m < m1; ++m) {
       const float* res = rp ? rp + m * N : nullptr;
 #ifdef DL_X86
+      if (level >= kAvx2 && gelu) { dequant_gelu_row_avx2(ap + m * N, xs[m], ws, bp, res, N, yp + m * N); continue; }
       if (level >= kAvx512) { dequant_row_avx512(ap + m * N, xs[m], ws, bp, gelu, res, N, yp + m * N); continue; }
       if (level >= kAvx2) { dequant_row_avx2(ap + m * N, xs[m], ws, bp, gelu, res, N, yp + m * N); continue; }
 #endif
