@@ -12,6 +12,9 @@ the same GGUF file, same threads. llama.cpp runs with ``--repack 0`` when its re
 kernels crash on this CPU, which the script detects and says. Batches: aggregate decode tok/s of
 ``--batches`` sequences (64-token prompts, 128 new tokens each) at the largest thread count, against
 ``llama-batched-bench -npp 64 -ntg 128`` (built with ``cmake --build build --target llama-batched-bench``).
+``--alternate N``: decode (tg128) in N rounds that alternate a ``llama-bench -p 0 -n 128`` run and one of
+ours, in the same minute, with the median of the per-round ratios: on a VM whose memory bandwidth moves by
+20-30% within an hour (neighbours), one run of each, minutes apart, says little.
 """
 
 from __future__ import annotations
@@ -85,6 +88,39 @@ with torch.inference_mode():
         out[b] = b * 128 / (timed(129) - prefill)
 print(json.dumps(out))
 """
+
+ALTERNATE = """
+import json, statistics, subprocess, sys, time, torch
+path, qtype, threads, rounds, exe = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+torch.set_num_threads(threads)
+from dinollama.codellama import Generator, SamplingParams, load, optimize_for_inference
+from dinollama.nn.kernels import auto_dtype
+dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}.get(qtype) or auto_dtype()
+model, _ = load(path, dtype=dtype)
+optimize_for_inference(model)
+gen = Generator(model, None)
+theirs, ours = [], []
+with torch.inference_mode():
+    gen.generate([[5]], SamplingParams(max_gen_len=8), stop_token=-100)
+    for _ in range(rounds):
+        r = subprocess.run([exe, "-m", path, "-p", "0", "-n", "128", "-t", str(threads), "-r", "2", "-o", "json"]
+                           + sys.argv[6:], capture_output=True, text=True, check=True)
+        theirs.append(json.loads(r.stdout)[0]["avg_ts"])
+        t = time.perf_counter(); gen.generate([[5]], SamplingParams(max_gen_len=128), stop_token=-100)
+        ours.append(128 / (time.perf_counter() - t))
+ratios = [o / t for o, t in zip(ours, theirs)]
+print(json.dumps({"theirs": theirs, "ours": ours, "ratio": statistics.median(ratios)}))
+"""
+
+
+def alternate(exe: Path, gguf: Path, qtype: str, threads: int, rounds: int, norepack: bool) -> dict:
+    """tg128 of llama-bench and ours in alternating rounds (our process runs llama-bench between its own)."""
+    r = subprocess.run([sys.executable, "-c", ALTERNATE, str(gguf), qtype, str(threads), str(rounds), str(exe)]
+                       + (["--repack", "0"] if norepack else []), capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if r.returncode:
+        raise RuntimeError(r.stderr[-2000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def cpu_name() -> str:
@@ -174,6 +210,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--types", nargs="+", default=["f32", "bf16", "f16", "q8_0", "q4_0"])
     p.add_argument("--batches", type=int, nargs="*", default=[1, 4, 8], help="aggregate decode tok/s at these batch sizes")
+    p.add_argument("--alternate", type=int, default=0, metavar="N",
+                   help="also tg128 in N alternating rounds (llama-bench, ours, ...) with the median ratio")
     args = p.parse_args()
     exe = args.llama_cpp / "build" / "bin" / "llama-bench"
     print(f"{cpu_name()}; {cpu_kernels().describe()}; torch {torch.__version__}")
@@ -202,8 +240,17 @@ def main() -> None:
                 print(f"{qtype:<6}{t:>8}{ref['pp64']:>15.1f}{got['pp64']:>8.1f}{got['pp64'] / ref['pp64']:>6.2f}x"
                       f"{ref['pp512']:>16.1f}{got['pp512']:>8.1f}{got['pp512'] / ref['pp512']:>6.2f}x"
                       f"{ref['tg128']:>14.1f}{got['tg128']:>9.1f}{got['tg128'] / ref['tg128']:>6.2f}x  {note}", flush=True)
-            if args.batches:
+            if args.batches or args.alternate:
                 files[qtype] = (path, norepack)
+        if args.alternate:
+            print(f"\ntg128 in {args.alternate} alternating rounds (llama-bench, then ours, each round); tok/s per round")
+            print(f"{'type':<6}{'threads':>8}  {'llama.cpp':<34}{'ours':<34}{'median ratio':>12}")
+            for qtype, (path, norepack) in files.items():
+                for t in args.threads:
+                    got = alternate(exe, path, qtype, t, args.alternate, norepack)
+                    ref_text, our_text = (" ".join(f"{x:.1f}" for x in got[k]) for k in ("theirs", "ours"))
+                    print(f"{qtype:<6}{t:>8}  {ref_text:<34}{our_text:<34}{got['ratio']:>11.2f}x",
+                          flush=True)
         if args.batches:
             threads = max(args.threads)
             print(f"\naggregate decode tok/s, {threads} threads, 64-token prompts + 128 new tokens each "
