@@ -765,8 +765,8 @@ inline float exp_neg(float x) {
 }
 
 // silu(gate) * up for gu = [gate | up] (T, 2h): silu rounded to the dtype, then the product, as torch does.
-// With AVX2 silu(a) = a * sigmoid(a) comes from e = e^-|a| (exp_neg's range), so that the loop vectorizes:
-// std::exp, one call per element, was 1.3% of a bf16 decode step on a Zen 4.
+// With AVX2 silu(a) = a * sigmoid(a) comes from e = e^-|a| (exp_neg's range) 8 lanes at a time (silu_avx2;
+// std::exp, one call per element, was 1.3% of a bf16 decode step on a Zen 4); silu_vec is its scalar tail.
 inline float silu_vec(float a) {
   const float e = exp_neg(-std::fabs(a));
   return a * (a >= 0.f ? 1.f : e) / (1.f + e);
@@ -827,8 +827,8 @@ torch::Tensor silu_mul(torch::Tensor gu, int64_t isa) {
   return y;
 }
 
-// The body of attend_one, compiled twice: for AVX2+FMA (auto-vectorized under the target attribute)
-// and for any CPU.
+// The body of attend_one, compiled for any CPU and, for head sizes that are not a multiple of 16, inside
+// attend_one_avx2.
 #define DL_ATTEND_BODY                                                                                \
   for (int64_t j = 0; j < d; ++j) qf[j] = to_f(q[j]);                                                 \
   float mx = -INFINITY;                                                                               \
@@ -934,7 +934,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     DL_DISPATCH(k.scalar_type(), "decode_attention_cache", [&] {
       using C = scalar_t;
       const C *kp = k.data_ptr<C>(), *vp = v.data_ptr<C>();
-      const bool avx2 = std::min(isa, detect_isa()) >= kAvx2;
+      const bool avx2 = has_avx2(isa);
       at::parallel_for(0, n * H, 1, [&](int64_t a0, int64_t a1) {
         std::vector<float> buf(L + 2 * d);
         for (int64_t a = a0; a < a1; ++a) {
@@ -998,7 +998,7 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x, int64_t isa) {
   return {q, scale};
 }
 
-// 0.5 x (1 + erf(x / sqrt 2)), erf by A&S 7.1.26 with exp_neg: branch-free, so the row loop vectorizes.
+// 0.5 x (1 + erf(x / sqrt 2)), erf by A&S 7.1.26 with exp_neg (gelu_erf8 below: the same for 8 lanes).
 inline float gelu_erf(float x) {
   const float z = x * 0.70710678118654752f, a = std::fabs(z);
   const float t = 1.f / (1.f + 0.3275911f * a);
