@@ -1,6 +1,8 @@
 """Every command as a new user meets it: CPU fallbacks, one-line errors (exit 2), image modes, the chat REPL."""
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import pty
@@ -32,6 +34,22 @@ def cli(*args, env=None, input=None, timeout=120):
     r = subprocess.run([DINOLLAMA, *map(str, args)], capture_output=True, text=True, input=input, timeout=timeout,
                        env={**os.environ, **(env or {})}, cwd=tempfile.gettempdir())
     return r.returncode, r.stdout, r.stderr
+
+
+def in_process(*args):
+    """The same command through ``main`` in this process, for checks that stop before any work (a fresh
+    interpreter costs ~4 s of torch import on a Zen 3; the entry point itself is tested by ``cli``)."""
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(tempfile.gettempdir())
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # argparse's own errors exit as the process would
+                code = e.code
+    finally:
+        os.chdir(here)
+    return code, out.getvalue(), err.getvalue()
 
 
 def one_line_error(code, err, *words):
@@ -181,13 +199,16 @@ def test_sampling_params_check_their_values(field, value, words):
     (["--dtype", "int3"], "invalid choice: 'int3'"), (["--device", "cuda:9" if not torch.cuda.is_available() else "nope"], "--device"),
 ])
 def test_generation_values_are_one_line_errors(flags, words):
-    one_line_error(*cli("complete", "x", *flags)[::2], words)
+    one_line_error(*in_process("complete", "x", *flags)[::2], words)
 
 
 def test_eval_and_training_values_are_checked():
-    one_line_error(*cli("eval", "humaneval", "--n-samples", "0")[::2], "--n-samples: 0 must be a positive whole number")
-    one_line_error(*cli("embed", ".", "-o", "x.npy", "--image-size", "0")[::2], "--image-size: 0 must be at least 14")
-    one_line_error(*cli("train", "code", "--data", ".", "--output", "r", "--fim-rate", "2")[::2], "between 0 and 1")
+    one_line_error(*in_process("eval", "humaneval", "--n-samples", "0")[::2],
+                   "--n-samples: 0 must be a positive whole number")
+    one_line_error(*in_process("embed", ".", "-o", "x.npy", "--image-size", "0")[::2],
+                   "--image-size: 0 must be at least 14")
+    one_line_error(*in_process("train", "code", "--data", ".", "--output", "r", "--fim-rate", "2")[::2],
+                   "between 0 and 1")
 
 
 @pytest.mark.parametrize("override,words", [
@@ -206,7 +227,7 @@ def test_training_overrides_are_type_checked(override, words, tmp_path):
     with pytest.raises(ValueError) as e:
         load_config(preset="test-tiny", overrides=[override])
     assert words in str(e.value)
-    code, _, err = cli("train", "ssl", "--preset", "test-tiny", "--data", "fashion-mnist:mini", "--output",
+    code, _, err = in_process("train", "ssl", "--preset", "test-tiny", "--data", "fashion-mnist:mini", "--output",
                        tmp_path / "run", "--set", override)
     one_line_error(code, err, words)
     assert not (tmp_path / "run").exists()
@@ -230,26 +251,28 @@ def test_options_that_would_be_ignored_are_refused(tmp_path, fm_images):
     folder, _ = fm_images
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"")
-    one_line_error(*cli("embed", folder, "-o", tmp_path / "f.npy", "--model", "default", "--weights", weights)[::2],
+    one_line_error(*in_process("embed", folder, "-o", tmp_path / "f.npy", "--model", "default",
+                               "--weights", weights)[::2],
                    "has no effect with --model default", f"--model {weights}")
     src = tmp_path / "f.py"
     src.write_text("def f():\n    <FILL_ME>\n")
-    one_line_error(*cli("infill", src, "--prefix", "a", "--suffix", "b")[::2], "not both")
+    one_line_error(*in_process("infill", src, "--prefix", "a", "--suffix", "b")[::2], "not both")
     assert not (tmp_path / "f.npy").exists()
 
 
 def test_paths_are_checked_before_any_work(tmp_path, fm_images):
     folder, _ = fm_images
     t0 = time.time()
-    one_line_error(*cli("pca", folder / "0.png", "-o", tmp_path / "missing" / "dir" / "x.png")[::2],
+    one_line_error(*in_process("pca", folder / "0.png", "-o", tmp_path / "missing" / "dir" / "x.png")[::2],
                    "the folder", "does not exist")
-    one_line_error(*cli("pca", folder / "0.png", "-o", tmp_path / "x.unknownext")[::2], "Pillow cannot write")
-    one_line_error(*cli("embed", folder, "-o", tmp_path / "f.npy", "--model", "/missing/file.safetensors")[::2],
+    one_line_error(*in_process("pca", folder / "0.png", "-o", tmp_path / "x.unknownext")[::2], "Pillow cannot write")
+    one_line_error(*in_process("embed", folder, "-o", tmp_path / "f.npy", "--model", "/missing/file.safetensors")[::2],
                    "/missing/file.safetensors: no such checkpoint file or folder")
-    one_line_error(*cli("embed", folder, "-o", tmp_path / "f.npy", "--model", "dinov2_vitx14")[::2],
+    one_line_error(*in_process("embed", folder, "-o", tmp_path / "f.npy", "--model", "dinov2_vitx14")[::2],
                    "unknown model 'dinov2_vitx14'; choose from default,")
-    one_line_error(*cli("complete", "x", "--model", tmp_path / "nope")[::2], "no such model folder")
-    one_line_error(*cli("classify", folder / "0.png", "--model", tmp_path / "w.pth")[::2], "classify needs a hub name")
+    one_line_error(*in_process("complete", "x", "--model", tmp_path / "nope")[::2], "no such model folder")
+    one_line_error(*in_process("classify", folder / "0.png", "--model", tmp_path / "w.pth")[::2],
+                   "classify needs a hub name")
     assert time.time() - t0 < 60
 
 
