@@ -42,6 +42,19 @@ def test_int8_matmul_probe_matches_the_kernel(monkeypatch):
     assert not q.exact_int8 and q.weight.dtype == torch.float32
 
 
+@pytest.mark.parametrize("flags,fast", [({"architecture": "x86_64", "avx2": True}, False),
+                                        ({"architecture": "x86_64", "avx2": True, "avx_vnni": True}, True),
+                                        ({"architecture": "x86_64", "avx512_vnni": True}, True),
+                                        ({"architecture": "aarch64"}, True)])
+def test_int8_matmul_needs_int8_dot_products_on_x86(flags, fast, monkeypatch):
+    """An x86 CPU without VNNI/AMX (Zen 3: torch._int_mm at 2.5 GOPS) gets the float products."""
+    monkeypatch.setattr(kernels, "_flags", lambda: flags)
+    monkeypatch.setattr(kernels, "_CACHE", {})
+    monkeypatch.setattr(kernels, "_BY_SETTING", {})
+    monkeypatch.setenv(kernels.ENV, "auto")
+    assert kernels.cpu_kernels().int8_matmul == (fast and kernels._int_mm_is_exact())
+
+
 def test_int8_vit_is_close_to_fp32():
     torch.manual_seed(0)
     model = build("dinov2_vits14_reg", depth=3, img_size=56).eval()

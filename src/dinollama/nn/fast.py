@@ -169,7 +169,7 @@ class Int8Linear(nn.Module):
     activations quantized per row (token) at run time, int32 products by ``torch._int_mm`` (oneDNN,
     with VNNI/AMX-INT8 where the CPU has them). Same interface as :class:`PackedLinear`: a LayerScale
     ``scale`` is folded in before quantizing, ``activation="gelu"`` and ``residual`` are applied after.
-    Where ``torch._int_mm`` is not exact (AVX2 without VNNI saturates; see ``cpu_kernels().int8_matmul``)
+    Where ``torch._int_mm`` is slow or not exact (x86 without VNNI/AMX; see ``cpu_kernels().int8_matmul``)
     the int8 weights are expanded once to float32 and the product is a plain ``F.linear``.
     """
 
@@ -187,7 +187,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", b, persistent=False)
         self.exact_int8 = cpu_kernels().int8_matmul
         if not self.exact_int8:
-            notice("torch's int8 matmul is not exact on this CPU (no VNNI): int8 weights run as float32 products")
+            notice("this CPU has no fast, exact int8 matmul (needs VNNI/AMX): int8 weights run as float32 products")
             self.weight = (self.weight.t().float() * w_scale[:, None]).contiguous()  # (out, in), the same values
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
