@@ -13,8 +13,8 @@ EXT = native.extension()
 pytestmark = pytest.mark.skipif(EXT is None, reason="the native extension did not build here (see the notice)")
 LEVELS = list(range(EXT.best_isa() + 1)) if EXT is not None else []
 # (rows, K, N); the last ones span several 256 KB weight tiles with more rows than a pass takes (by_row_blocks:
-# 4, or 8 in AVX-512's float kernels)
-SHAPES = [(1, 64, 48), (3, 96, 17), (5, 256, 33), (8, 128, 64), (9, 32, 5), (6, 4096, 41), (13, 4096, 41)]
+# 4, or 8 in AVX-512's float kernels); one row of 19 outputs: 4 streams of 4 rows and 3 rows one at a time
+SHAPES = [(1, 64, 48), (1, 96, 19), (3, 96, 17), (5, 256, 33), (8, 128, 64), (9, 32, 5), (6, 4096, 41), (13, 4096, 41)]
 QSHAPES = [(1, 128, 48), (3, 256, 17), (5, 384, 33), (8, 128, 64), (9, 512, 5), (7, 4096, 130)]  # K: every group
 
 
