@@ -13,8 +13,10 @@ EXT = native.extension()
 pytestmark = pytest.mark.skipif(EXT is None, reason="the native extension did not build here (see the notice)")
 LEVELS = list(range(EXT.best_isa() + 1)) if EXT is not None else []
 # (rows, K, N); the last ones span several 256 KB weight tiles with more rows than a pass takes (by_row_blocks:
-# 4, or 8 in AVX-512's float kernels); one row of 19 outputs: 4 streams of 4 rows and 3 rows one at a time
-SHAPES = [(1, 64, 48), (1, 96, 19), (3, 96, 17), (5, 256, 33), (8, 128, 64), (9, 32, 5), (6, 4096, 41), (13, 4096, 41)]
+# 4, or 8 in AVX-512's float kernels); one row of 19 outputs: 4 streams of 4 rows and 3 rows one at a time; from 17
+# rows AVX2's tiled product: blocks of 6 rows (and a partial one) against panels of 16 columns (and a partial one)
+SHAPES = [(1, 64, 48), (1, 96, 19), (3, 96, 17), (5, 256, 33), (8, 128, 64), (9, 32, 5), (6, 4096, 41), (13, 4096, 41),
+          (17, 64, 16), (23, 96, 37), (40, 512, 70)]
 QSHAPES = [(1, 128, 48), (3, 256, 17), (5, 384, 33), (8, 128, 64), (9, 512, 5), (7, 4096, 130)]  # K: every group
 
 
@@ -175,8 +177,8 @@ def test_without_the_extension_torch_kernels_run_after_a_notice(monkeypatch, cap
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_prefill_widens_a_16_bit_weight_the_cpu_lacks(mode, dtype, monkeypatch):
     """A 16-bit DecodeLinear without native support runs the native kernel (widening in registers) up to
-    WIDENED_ROWS rows, beyond them its product in fp32 (torch's emulated 16-bit GEMM is slower); with
-    native support it stays 16-bit from max_rows; the results agree."""
+    WIDENED_ROWS rows (on AVX2 any number, tiled), beyond them its product in fp32 (torch's emulated 16-bit GEMM
+    is slower); with native support it stays 16-bit from max_rows; the results agree."""
     from dinollama.nn import fast as nn_fast
 
     monkeypatch.setenv(kernels.ENV, mode)
@@ -188,7 +190,8 @@ def test_prefill_widens_a_16_bit_weight_the_cpu_lacks(mode, dtype, monkeypatch):
     widened = not kernels.native_dtype_support(dtype)
     native_on = native.simd()  # the plain C++ loops take no prompts
     ref_w = lin.weight.double()
-    for rows, expect in ((native.WIDENED_ROWS + 3, [torch.float32 if widened else dtype]),
+    beyond = [] if widened and native.tiled() else [torch.float32 if widened else dtype]  # AVX2: the tiled product
+    for rows, expect in ((native.WIDENED_ROWS + 3, beyond),
                          (native.WIDENED_ROWS, [] if widened and native_on else [torch.float32 if widened else dtype]),
                          (nn_fast.UPCAST_ROWS - 1, [] if widened and native_on else [dtype])):
         x = torch.randn(rows, 96).to(dtype)
@@ -199,6 +202,25 @@ def test_prefill_widens_a_16_bit_weight_the_cpu_lacks(mode, dtype, monkeypatch):
         ref = F.linear(x.double(), ref_w)
         assert (got.double() - ref).abs().max() <= 2 * torch.finfo(dtype).eps * ref.abs().max()
     assert widened or mode == "auto"  # the forced modes behave as a CPU without native 16-bit products
+
+
+@pytest.mark.parametrize("mode", ["auto", "avx2", "generic"])
+def test_f32_prompts_take_the_tiled_product_on_avx2(mode, monkeypatch):
+    """On AVX2 an f32 DecodeLinear runs prompts of any length natively (tiled), elsewhere F.linear past max_rows."""
+    from dinollama.nn import fast as nn_fast
+
+    monkeypatch.setenv(kernels.ENV, mode)
+    lin = torch.nn.Linear(160, 45, bias=False)
+    seen = []
+    linear = F.linear
+    monkeypatch.setattr(nn_fast.F, "linear", lambda x, w, *a: seen.append(w.dtype) or linear(x, w, *a))
+    x = torch.randn(3, 70, 160)
+    with torch.inference_mode():
+        got = DecodeLinear(lin)(x)
+    assert seen == ([] if native.tiled() else [torch.float32])
+    assert native.tiled() == (native.isa() == "avx2")
+    ref = F.linear(x.double(), lin.weight.double())
+    assert (got.double() - ref).abs().max() < 1e-5 * 160
 
 
 # --- the fused decode-step ops against the torch ops they replace ---------------------------------

@@ -111,7 +111,8 @@ class DecodeLinear(nn.Module):
     16-bit weight the CPU has no native product for (f16 without AVX512-FP16, bf16 without AVX512-BF16)
     is widened to fp32 per call from :data:`UPCAST_ROWS` rows: torch's emulated 16-bit GEMM is 1.6-4x
     slower than widening plus fp32 MKL, and the weight stays 16-bit in memory; up to
-    :data:`~dinollama.nn.native.WIDENED_ROWS` rows the native kernel, widening in registers, is faster still."""
+    :data:`~dinollama.nn.native.WIDENED_ROWS` rows the native kernel, widening in registers, is faster still.
+    On AVX2 (:func:`~dinollama.nn.native.tiled`) f32 and widened prompts of any length run its tiled product."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -123,7 +124,7 @@ class DecodeLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
         widened = w.dtype != torch.float32 and not native_dtype_support(w.dtype)
-        if native.usable(x, widened):
+        if native.usable(x, widened, float_weight=True):
             return native.gemv(x, w)
         if widened and x.numel() >= UPCAST_ROWS * x.shape[-1]:
             return F.linear(x.float(), w.float()).to(x.dtype)

@@ -29,6 +29,9 @@ MAX_ROWS_F32 = 16  # f32 rows: the tiled native product matches MKL's at 16 rows
 # rows whose weights would otherwise be widened to fp32 per call: on a Zen 3 (2 threads, 134M shapes) 64 rows of
 # a 4096 x 768 product took 3.0-3.9 ms native against 6.3 widened from f16 (Q8 3.2-4.0 vs 7.9, Q4 2.3-3.5 vs 13.2)
 WIDENED_ROWS = 128
+# from here float weights on AVX2 run the extension's tiled product (csrc kTiledRows): at 64 rows of the 134M shapes
+# on a Zen 3 it ran 1.2-1.5x MKL's f32 GEMM (which uses no tiled AVX2 code on AMD) and 1.9x the widened 16-bit one
+TILED_ROWS = MAX_ROWS_F32 + 1
 _SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
 _EXT: list = []  # [module or None], once loaded or failed
 
@@ -120,16 +123,25 @@ def max_rows(x: Tensor) -> int:
     return MAX_ROWS_F32 if x.dtype == torch.float32 else MAX_ROWS
 
 
-def usable(x: Tensor, widened: bool = False) -> bool:
+def tiled() -> bool:
+    """Whether prompts against float weights run the native tiled product: on AVX2 (the AVX-512 machines
+    keep oneDNN/MKL, which reach their peak there)."""
+    return _level() == 1
+
+
+def usable(x: Tensor, widened: bool = False, float_weight: bool = False) -> bool:
     """Whether the native product takes ``x`` (CPU, at most :func:`max_rows` rows, ``K % 32 == 0``).
 
     ``widened``: the caller's other path widens its weight to fp32 first (Q8/Q4 codes, or 16-bit
     weights the CPU has no product for); then the native kernels, which widen in registers, take up
-    to :data:`WIDENED_ROWS` rows (prompts of a typical edit) where they are vectorized (:func:`simd`)."""
-    rows = WIDENED_ROWS if widened and simd() else max_rows(x)
-    if x.device.type != "cpu" or x.shape[-1] % 32 or x.numel() > rows * x.shape[-1]:
+    to :data:`WIDENED_ROWS` rows (prompts of a typical edit) where they are vectorized (:func:`simd`).
+    ``float_weight`` (f32/bf16/f16): where :func:`tiled`, f32 and widened prompts of any length."""
+    if x.device.type != "cpu" or x.shape[-1] % 32 or _level() < 0:
         return False
-    return _level() >= 0
+    if float_weight and (x.dtype == torch.float32 or widened) and tiled():
+        return True
+    rows = WIDENED_ROWS if widened and simd() else max_rows(x)
+    return x.numel() <= rows * x.shape[-1]
 
 
 def gemv(x: Tensor, weight: Tensor, scales: Tensor | None = None, kind: str = "float") -> Tensor:

@@ -249,6 +249,77 @@ void bf16_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, float
     bf16_dot_avx512<decltype(mb)::value>(x + m0 * K, K, w, y + m0 * N, N, t0, t1);
   });
 }
+
+// ---- prompt rows on AVX2: a tiled product ------------------------------------------------------------
+// In the dot-product form above each FMA loads a vector of x too, and at prompt sizes that half-used AVX2's FMA
+// rate (MKL does no better on AMD at 64 rows). Here kPanel weight rows at a time are widened to fp32 and
+// transposed into a (K, kPanel) panel that stays in L2, and blocks of kMR rows of x run against it as outer
+// products: 2 panel loads and kMR broadcasts feed 2 * kMR FMAs into accumulators held in registers.
+constexpr int kPanel = 16, kMR = 6;
+
+T2 inline void transpose8(__m256* r) {  // r[j][i] <- r[i][j]
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44), u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44), u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20), r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+}
+
+// panel[k * kPanel + c] = W[n0 + c][k] in fp32, zero for the columns c >= cols (a last, partial panel)
+template <WType T>
+T2 void pack_panel(const void* w, int64_t K, int64_t n0, int64_t cols, float* panel) {
+  for (int64_t k = 0; k < K; k += 8)
+    for (int h = 0; h < kPanel; h += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = h + i < cols ? load8<T>(w, (n0 + h + i) * K + k) : _mm256_setzero_ps();
+      transpose8(r);
+      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(panel + (k + j) * kPanel + h, r[j]);
+    }
+}
+
+// kMR rows of x (rows past `rows` repeat the last one) against a panel, the first `rows` rows stored. The
+// accumulators are named variables: as arrays GCC kept a copy of each in memory, stored on every k (half speed).
+T2 void panel_rows(const float* x, int64_t rows, int64_t K, const float* panel, float* y, int64_t N, int64_t n0,
+                   int64_t cols) {
+  const float* xr[kMR];
+  for (int r = 0; r < kMR; ++r) xr[r] = x + std::min<int64_t>(r, rows - 1) * K;
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+         c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 p0 = _mm256_loadu_ps(panel + k * kPanel), p1 = _mm256_loadu_ps(panel + k * kPanel + 8);
+#define DL_PANEL_ROW(R)                                          \
+  {                                                              \
+    const __m256 xb = _mm256_broadcast_ss(xr[R] + k);            \
+    c##R##0 = _mm256_fmadd_ps(xb, p0, c##R##0);                  \
+    c##R##1 = _mm256_fmadd_ps(xb, p1, c##R##1);                  \
+  }
+    DL_PANEL_ROW(0) DL_PANEL_ROW(1) DL_PANEL_ROW(2) DL_PANEL_ROW(3) DL_PANEL_ROW(4) DL_PANEL_ROW(5)
+#undef DL_PANEL_ROW
+  }
+  alignas(32) float out[kMR * kPanel];
+  const __m256 c[2 * kMR] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};
+  for (int r = 0; r < 2 * kMR; ++r) _mm256_store_ps(out + r * 8, c[r]);
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(y + r * N + n0, out + r * kPanel, cols * sizeof(float));
+}
+
+// Output columns [n0, n1) of x @ W.T for all M rows; n0 a multiple of kPanel.
+template <WType T>
+T2 void tiled_avx2(const float* x, int64_t M, int64_t K, const void* w, float* y, int64_t N, int64_t n0, int64_t n1) {
+  std::vector<float> panel(K * kPanel);
+  // blocks of rows of x that stay in L2 while every panel passes (a panel is packed once per block)
+  const int64_t block = std::max<int64_t>(8 * kMR, kTileBytes / (4 * K) / kMR * kMR);
+  for (int64_t b0 = 0; b0 < M; b0 += block) {
+    const int64_t b1 = std::min(M, b0 + block);
+    for (int64_t p = n0; p < n1; p += kPanel) {
+      const int64_t cols = std::min<int64_t>(kPanel, n1 - p);
+      pack_panel<T>(w, K, p, cols, panel.data());
+      for (int64_t m0 = b0; m0 < b1; m0 += kMR)
+        panel_rows(x + m0 * K, std::min<int64_t>(kMR, b1 - m0), K, panel.data(), y + m0 * N, N, p, cols);
+    }
+  }
+}
 #endif
 
 template <WType T>
@@ -560,6 +631,9 @@ void quant_rows(const QuantArgs& a, int64_t M, int64_t n0, int64_t n1, int64_t i
 }
 
 constexpr int64_t kGrain = 16;  // output rows per task at least: a few KB of weights
+// From here AVX2 runs the tiled product (native.TILED_ROWS): decode steps of up to 16 rows keep the row kernels,
+// whose sums per row do not depend on how many rows share the step.
+constexpr int64_t kTiledRows = 17;
 
 torch::Tensor float_gemv(const torch::Tensor& x, const torch::Tensor& w, int64_t isa) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
@@ -568,6 +642,17 @@ torch::Tensor float_gemv(const torch::Tensor& x, const torch::Tensor& w, int64_t
   float* yp = y.data_ptr<float>();
   const void* wp = w.data_ptr();
   const auto t = w.scalar_type();
+#ifdef DL_X86
+  if (isa == kAvx2 && M >= kTiledRows) {  // panels of kPanel columns, split over the threads
+    at::parallel_for(0, (N + kPanel - 1) / kPanel, 1, [&](int64_t p0, int64_t p1) {
+      const int64_t n0 = p0 * kPanel, n1 = std::min(N, p1 * kPanel);
+      if (t == at::kFloat) tiled_avx2<kF32>(xp, M, K, wp, yp, N, n0, n1);
+      else if (t == at::kBFloat16) tiled_avx2<kBF16>(xp, M, K, wp, yp, N, n0, n1);
+      else tiled_avx2<kF16>(xp, M, K, wp, yp, N, n0, n1);
+    });
+    return y;
+  }
+#endif
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
     if (t == at::kFloat) float_rows<kF32>(xp, M, K, wp, yp, N, n0, n1, isa);
     else if (t == at::kBFloat16) float_rows<kBF16>(xp, M, K, wp, yp, N, n0, n1, isa);
