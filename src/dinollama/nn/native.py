@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .kernels import cpu_kernels, notice
+from .kernels import cpu_kernels, native_dtype_support, notice
 
 ISAS = ("scalar", "avx2", "avx512-vnni")  # the extension's levels, in its numbering
 STALE_LOCK_S = 600  # a build takes ~30 s; a lock older than this is left over
@@ -119,8 +119,10 @@ def describe() -> str:
 
 
 def max_rows(x: Tensor) -> int:
-    """The most rows of ``x`` the native products take: :data:`MAX_ROWS_F32` in f32, else :data:`MAX_ROWS`."""
-    return MAX_ROWS_F32 if x.dtype == torch.float32 else MAX_ROWS
+    """The most rows of ``x`` the native products take: :data:`MAX_ROWS` in a 16-bit dtype the CPU has products
+    for (oneDNN's are faster beyond), else :data:`MAX_ROWS_F32`: without them (Zen 3) torch's per-layer ops on
+    emulated bf16 made a 16-stream server's decode steps slower than its 8-stream ones."""
+    return MAX_ROWS if x.dtype != torch.float32 and native_dtype_support(x.dtype) else MAX_ROWS_F32
 
 
 def tiled() -> bool:
