@@ -13,7 +13,7 @@ EXT = native.extension()
 pytestmark = pytest.mark.skipif(EXT is None, reason="the native extension did not build here (see the notice)")
 LEVELS = list(range(EXT.best_isa() + 1)) if EXT is not None else []
 # (rows, K, N); the last ones span several 256 KB weight tiles with more rows than a pass takes (by_row_blocks:
-# 4, or 8 in AVX-512's float kernels); one row of 19 outputs: 4 streams of 4 rows and 3 rows one at a time; from 17
+# 4, or 8 in AVX-512's float kernels); one row of 19 outputs: 4 streams of 4 rows and 3 rows one at a time (AVX2 and AVX-512); from 17
 # rows AVX2's tiled product: blocks of 6 rows (and a partial one) against panels of 16 columns (and a partial one)
 SHAPES = [(1, 64, 48), (1, 96, 19), (3, 96, 17), (5, 256, 33), (8, 128, 64), (9, 32, 5), (6, 4096, 41), (13, 4096, 41),
           (17, 64, 16), (23, 96, 37), (40, 512, 70)]
@@ -74,6 +74,19 @@ def test_bf16_models_products_within_one_bf16_rounding(level, shape):
     ref = x.double() @ w.double().t()
     assert got.dtype == torch.bfloat16
     assert ((got.double() - ref).abs() <= 2**-8 * ref.abs() + 1e-6 * k).all()
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=lambda i: native.ISAS[i])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_a_row_alone_equals_the_row_among_others(level, dtype):
+    """Bit for bit: one row runs the kernels' weight streams, several rows the multi-row loops; a server's
+    greedy tokens must not depend on how many sequences share the step (up to the 16 rows of a decode step)."""
+    torch.manual_seed(3)
+    xdtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32  # a bf16 model's own activations
+    x, w = torch.randn(16, 1024).to(xdtype), torch.randn(4 * 67 + 5, 1024).to(dtype)
+    many = EXT.gemv(x, w, native.NO_SCALES, 0, level)
+    for i in (0, 7, 15):
+        assert torch.equal(EXT.gemv(x[i : i + 1], w, native.NO_SCALES, 0, level)[0], many[i])
 
 
 @pytest.mark.parametrize("level", LEVELS, ids=lambda i: native.ISAS[i])
