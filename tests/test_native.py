@@ -90,6 +90,19 @@ def test_a_row_alone_equals_the_row_among_others(level, dtype):
 
 
 @pytest.mark.parametrize("level", LEVELS, ids=lambda i: native.ISAS[i])
+@pytest.mark.parametrize("config,k", [(QuantConfig(8, 32), 160), (QuantConfig(8, 64), 1024), (QuantConfig(4, 32), 160),
+                                      (QuantConfig(4, 128), 1024)],  # K = 160: the last block has no pair
+                         ids=lambda c: f"int{c.bits}-g{c.group_size}" if isinstance(c, QuantConfig) else f"k{c}")
+def test_a_quantized_row_alone_equals_the_row_among_others(level, config, k):
+    torch.manual_seed(4)
+    x, lin = torch.randn(16, k), QuantLinear.from_float(torch.randn(4 * 67 + 5, k), config)
+    kind = 3 if config.bits == 8 else 4
+    many = EXT.gemv(x, lin.qweight, lin.scales, kind, level)
+    for i in (0, 7, 15):
+        assert torch.equal(EXT.gemv(x[i : i + 1], lin.qweight, lin.scales, kind, level)[0], many[i])
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=lambda i: native.ISAS[i])
 @pytest.mark.parametrize("k", [32, 96, 160])  # odd block counts: Q4's last block has no pair
 @pytest.mark.parametrize("bits", [8, 4])
 def test_odd_block_counts(level, k, bits):

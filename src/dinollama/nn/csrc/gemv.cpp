@@ -564,6 +564,67 @@ T2 void q8_avx2(const QuantArgs& a, int64_t m0, int64_t n0, int64_t n1) {
     }                                                                                                        \
   }
 
+// One row of x against kStreams weight rows at once (as float_streams_avx512): each row's sums exactly as
+// q8_vnni512<1> makes them, the activations' loads shared.
+T512 inline __attribute__((always_inline)) void q8_pair_streams(const uint8_t* const* row, const uint16_t* const* ws,
+                                                               int64_t p, int64_t per, const int8_t* qx,
+                                                               const float* dx, __m512i spread, __m512* acc) {
+  const __m512i zero = _mm512_setzero_si512(), xv = _mm512_loadu_si512(qx + p * 2 * kBlock);
+  const __m128 d2 = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(dx + 2 * p)));
+  const __m512 dxs = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(d2));
+  for (int s = 0; s < kStreams; ++s) {
+    const __m512i w = _mm512_loadu_si512(row[s] + p * 2 * kBlock);
+    const __mmask64 neg = _mm512_movepi8_mask(w);
+    __m512 sw;
+    if (per == 1) {
+      int32_t two;
+      std::memcpy(&two, ws[s] + 2 * p, 4);
+      sw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(two))));
+    } else {
+      sw = _mm512_set1_ps(_cvtsh_ss(ws[s][2 * p / per]));
+    }
+    const __m512i d = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(w), _mm512_mask_sub_epi8(xv, neg, zero, xv));
+    acc[s] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, dxs), acc[s]);
+  }
+}
+
+T512 int64_t q8_streams_vnni512(const QuantArgs& a, int64_t m0, int64_t n0, int64_t n1) {
+  const int64_t nb = a.K / kBlock, np = nb / 2, ng = a.K / a.G, per = a.G / kBlock;
+  const int8_t* qx = a.qx + m0 * a.K;
+  const float* dx = a.dx + m0 * nb;
+  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i zero = _mm512_setzero_si512();
+  const int64_t part = (n1 - n0) / kStreams;
+  for (int64_t i = 0; i < part; ++i) {
+    const uint8_t* row[kStreams];
+    const uint16_t* ws[kStreams];
+    __m512 acc0[kStreams], acc1[kStreams];
+    for (int s = 0; s < kStreams; ++s) {
+      row[s] = a.w + (n0 + s * part + i) * a.K, ws[s] = a.ws + (n0 + s * part + i) * ng;
+      acc0[s] = acc1[s] = _mm512_setzero_ps();
+    }
+    int64_t p = 0;
+    for (; p + 1 < np; p += 2) {
+      q8_pair_streams(row, ws, p, per, qx, dx, spread, acc0);
+      q8_pair_streams(row, ws, p + 1, per, qx, dx, spread, acc1);
+    }
+    if (p < np) q8_pair_streams(row, ws, p, per, qx, dx, spread, acc0);
+    if (nb % 2) {
+      const int64_t b = nb - 1;
+      const __m512i xv = _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + b * kBlock)));
+      for (int s = 0; s < kStreams; ++s) {
+        const __m512i w = _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[s] + b * kBlock)));
+        const __mmask64 neg = _mm512_movepi8_mask(w);
+        const __m512i d = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(w), _mm512_mask_sub_epi8(xv, neg, zero, xv));
+        acc0[s] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(_cvtsh_ss(ws[s][b / per]) * dx[b]), acc0[s]);
+      }
+    }
+    for (int s = 0; s < kStreams; ++s)
+      a.y[m0 * a.N + n0 + s * part + i] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[s], acc1[s]));
+  }
+  return n0 + kStreams * part;
+}
+
 template <int MB>
 T512 void q8_vnni512(const QuantArgs& a, int64_t m0, int64_t n0, int64_t n1) {
   const int64_t nb = a.K / kBlock, np = nb / 2, ng = a.K / a.G, per = a.G / kBlock;
@@ -571,6 +632,7 @@ T512 void q8_vnni512(const QuantArgs& a, int64_t m0, int64_t n0, int64_t n1) {
   const float* dx = a.dx + m0 * nb;
   const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
   const __m512i zero = _mm512_setzero_si512();
+  if constexpr (MB == 1) n0 = q8_streams_vnni512(a, m0, n0, n1);  // the same sums, in the same order
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = a.w + n * a.K;
     const uint16_t* ws = a.ws + n * ng;
@@ -626,7 +688,70 @@ T512 void q8_vnni512(const QuantArgs& a, int64_t m0, int64_t n0, int64_t n1) {
     }                                                                                                        \
   }
 
-#define DL_Q4_KERNEL(NAME, ATTR, UDOT, UDOT2)                                                                       \
+// Q4 with VNNI: kStreams weight rows at once for one row of x, each row's sums as in q4_vnni<1>.
+T512 inline __attribute__((always_inline)) void q4_pair_streams(const uint8_t* const* row, const uint16_t* const* ws,
+                                                               int64_t p, int64_t per, const int8_t* qx,
+                                                               const int32_t* corr, const float* dx8, __m256* acc) {
+  const __m256i m4 = _mm256_set1_epi8(15), spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr + p * 8));
+  const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + p * 2 * kBlock));
+  const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + p * 2 * kBlock + kBlock));
+  const __m256 d8 = _mm256_loadu_ps(dx8 + p * 8);
+  for (int s = 0; s < kStreams; ++s) {
+    const __m256i pw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[s] + p * kBlock));
+    const __m256i lo = _mm256_and_si256(pw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(pw, 4), m4);
+    __m256 sw;
+    if (per == 1) {
+      int32_t two;
+      std::memcpy(&two, ws[s] + 2 * p, 4);
+      sw = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128(two))), spread);
+    } else {
+      sw = _mm256_set1_ps(_cvtsh_ss(ws[s][2 * p / per]));
+    }
+    const __m256i d = udot2_vnni(c, lo, x0, hi, x1);
+    acc[s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(sw, d8), acc[s]);
+  }
+}
+
+T512 int64_t q4_streams_vnni(const QuantArgs& a, int64_t m0, int64_t n0, int64_t n1) {
+  const int64_t nb = a.K / kBlock, np = nb / 2, nq = (nb + 1) / 2, ng = a.K / a.G, per = a.G / kBlock;
+  const int8_t* qx = a.qx + m0 * a.K;
+  const float* dx8 = a.dx8 + m0 * nq * 8;
+  const int32_t* corr = a.corr + m0 * nq * 8;
+  const int64_t part = (n1 - n0) / kStreams;
+  for (int64_t i = 0; i < part; ++i) {
+    const uint8_t* row[kStreams];
+    const uint16_t* ws[kStreams];
+    __m256 acc0[kStreams], acc1[kStreams];
+    for (int s = 0; s < kStreams; ++s) {
+      row[s] = a.w + (n0 + s * part + i) * (a.K / 2), ws[s] = a.ws + (n0 + s * part + i) * ng;
+      acc0[s] = acc1[s] = _mm256_setzero_ps();
+    }
+    int64_t p = 0;
+    for (; p + 1 < np; p += 2) {
+      q4_pair_streams(row, ws, p, per, qx, corr, dx8, acc0);
+      q4_pair_streams(row, ws, p + 1, per, qx, corr, dx8, acc1);
+    }
+    if (p < np) q4_pair_streams(row, ws, p, per, qx, corr, dx8, acc0);
+    if (nb % 2) {  // the last, unpaired block: 16 bytes, activations [even | odd]
+      const __m128i l4 = _mm_set1_epi8(15);
+      const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr + np * 8));
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + (nb - 1) * kBlock));
+      for (int s = 0; s < kStreams; ++s) {
+        const __m128i pw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row[s] + (nb - 1) * (kBlock / 2)));
+        const __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(pw, 4), l4), _mm_and_si128(pw, l4));
+        const __m256i d = udot_vnni(c, u, xv);
+        acc0[s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(_cvtsh_ss(ws[s][(nb - 1) / per]) * dx8[np * 8]),
+                                  acc0[s]);
+      }
+    }
+    for (int s = 0; s < kStreams; ++s) a.y[m0 * a.N + n0 + s * part + i] = hsum8(_mm256_add_ps(acc0[s], acc1[s]));
+  }
+  return n0 + kStreams * part;
+}
+T2 inline int64_t q4_no_streams(const QuantArgs&, int64_t, int64_t n0, int64_t) { return n0; }
+
+#define DL_Q4_KERNEL(NAME, ATTR, UDOT, UDOT2, STREAMS)                                                                       \
   template <int MB>                                                                                          \
   ATTR void NAME(const QuantArgs& a, int64_t m0, int64_t n0, int64_t n1) {                                   \
     const int64_t nb = a.K / kBlock, np = nb / 2, nq = (nb + 1) / 2, ng = a.K / a.G, per = a.G / kBlock;     \
@@ -634,6 +759,7 @@ T512 void q8_vnni512(const QuantArgs& a, int64_t m0, int64_t n0, int64_t n1) {
     const float* dx8 = a.dx8 + m0 * nq * 8;                                                                  \
     const int32_t* corr = a.corr + m0 * nq * 8;                                                              \
     const __m256i m4 = _mm256_set1_epi8(15), spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);             \
+    if constexpr (MB == 1) n0 = STREAMS(a, m0, n0, n1); /* the same sums, in the same order */               \
     for (int64_t n = n0; n < n1; ++n) {                                                                      \
       const uint8_t* row = a.w + n * (a.K / 2);                                                              \
       const uint16_t* ws = a.ws + n * ng;                                                                    \
@@ -663,8 +789,8 @@ T512 void q8_vnni512(const QuantArgs& a, int64_t m0, int64_t n0, int64_t n1) {
     }                                                                                                        \
   }
 
-DL_Q4_KERNEL(q4_avx2, T2, udot_avx2, udot2_avx2)
-DL_Q4_KERNEL(q4_vnni, T512, udot_vnni, udot2_vnni)
+DL_Q4_KERNEL(q4_avx2, T2, udot_avx2, udot2_avx2, q4_no_streams)
+DL_Q4_KERNEL(q4_vnni, T512, udot_vnni, udot2_vnni, q4_streams_vnni)
 #endif
 
 template <bool Q4>
