@@ -147,10 +147,23 @@ def test_the_mode_picks_the_path(mode, monkeypatch):
     few, many = torch.randn(limit, 256), torch.randn(limit + 1, 256)
     assert q.kernel(few) == ("generic" if mode == "generic" else "native")
     assert q.kernel(many) == "generic"  # prefill of grouped int8: dequantize + F.linear
-    limit = native.WIDENED_ROWS if widened else native.MAX_ROWS  # AMX/oneDNN products beyond 8 bf16 rows
-    bf16 = torch.randn(limit + 1, 256, dtype=torch.bfloat16)
+    bf16 = torch.randn(native.WIDENED_ROWS + 1, 256, dtype=torch.bfloat16)
+    limit = native.WIDENED_ROWS if widened else native.max_rows(bf16)  # AMX/oneDNN products beyond 8 bf16 rows
+    bf16 = bf16[: limit + 1]
     assert q.kernel(bf16[:limit]) == q.kernel(few) and q.kernel(bf16) != "native"
     assert native.isa() in kernels.cpu_kernels().describe()
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_16_bit_decode_rows_stay_native_without_amx(amx, monkeypatch):
+    """With AMX oneDNN's bf16 products win from 9 rows; with AVX512-BF16 alone (Zen 4) the native rows do."""
+    from dataclasses import replace
+
+    k = replace(kernels.cpu_kernels(), native_bf16=True, amx=amx)
+    monkeypatch.setattr(kernels, "cpu_kernels", lambda: k)
+    monkeypatch.setattr(native, "cpu_kernels", lambda: k)
+    assert native.max_rows(torch.zeros(1, 32, dtype=torch.bfloat16)) == (8 if amx else 16)
+    assert native.max_rows(torch.zeros(1, 32)) == 16
 
 
 @pytest.mark.parametrize("mode", ["auto", "avx2", "generic"])
@@ -428,8 +441,11 @@ def test_int4_prefill_takes_the_dequantized_product_from_16_rows():
     with torch.inference_mode():
         few, many = torch.randn(9, 256, dtype=torch.bfloat16), torch.randn(16, 256, dtype=torch.bfloat16)
         widened = not kernels.native_dtype_support(torch.bfloat16) and native.simd()  # native takes prompts
-        assert (q.kernel(few), q.kernel(many)) == (("native",) * 2 if widened else ("int4pack", "generic"))
+        rows = native.max_rows(few)  # 16 without AMX, where the native rows beat oneDNN's up to there
+        native_few, native_many = widened or rows >= 9, widened or rows >= 16
+        assert q.kernel(few) == ("native" if native_few else "int4pack")
+        assert q.kernel(many) == ("native" if native_many else "generic")
         ref = F.linear(many.float(), q.dequantize()).bfloat16()
         assert (q(many).float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max()
     # with autograd on, torch's slower dequantize: its int4 kernel up to 128 rows
-    assert q.kernel(many) == ("native" if widened else "int4pack")
+    assert q.kernel(many) == ("native" if native_many else "int4pack")

@@ -36,6 +36,7 @@ class CpuKernels:
     native_bf16: bool  # bf16 products in hardware: packed bf16 linears, bf16 as the auto dtype
     native_fp16: bool
     int8_matmul: bool  # torch._int_mm fast and exact here (x86 without VNNI/AMX: 2.5 GOPS on a Zen 3, or saturating)
+    amx: bool = False  # AMX tiles (bf16): oneDNN's 16-bit products beat the native rows from 9 rows (native.max_rows)
 
     def can_pack(self, dtype: torch.dtype) -> bool:
         """Whether a oneDNN packed linear of ``dtype`` runs here."""
@@ -99,7 +100,8 @@ def _detect(mode: str) -> CpuKernels:
             bf16 = fp16 = False
             onednn = onednn and mode == "avx2"
             capability = f"{capability}->AVX2" if mode == "avx2" and capability.startswith("AVX512") else capability
-        _CACHE[mode] = CpuKernels(mode, capability, onednn, bf16, fp16, int8)
+        amx = bf16 and bool(flags.get("amx_bf16"))
+        _CACHE[mode] = CpuKernels(mode, capability, onednn, bf16, fp16, int8, amx)
     return _CACHE[mode]
 
 
