@@ -257,7 +257,7 @@ def test_f32_prompts_take_the_tiled_product_on_avx2(mode, monkeypatch):
     with torch.inference_mode():
         got = DecodeLinear(lin)(x)
     assert seen == ([] if native.tiled() else [torch.float32])
-    assert native.tiled() == (native.isa() == "avx2")
+    assert native.tiled() == (native.isa() == "avx2" or (native.isa() == "avx512-vnni" and EXT.is_amd()))
     ref = F.linear(x.double(), lin.weight.double())
     assert (got.double() - ref).abs().max() < 1e-5 * 160
 

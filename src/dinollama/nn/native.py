@@ -130,9 +130,9 @@ def max_rows(x: Tensor) -> int:
 
 
 def tiled() -> bool:
-    """Whether prompts against float weights run the native tiled product: on AVX2 (the AVX-512 machines
-    keep oneDNN/MKL, which reach their peak there)."""
-    return _level() == 1
+    """Whether prompts against float weights run the native tiled product: on AVX2, and on AMD's AVX-512 CPUs
+    (Zen 4/5), where MKL runs its AVX2 code; Intel's AVX-512 machines keep oneDNN/MKL, which reach their peak."""
+    return _level() == 1 or (_level() == 2 and _EXT[0].is_amd())
 
 
 def usable(x: Tensor, widened: bool = False, float_weight: bool = False) -> bool:
