@@ -300,7 +300,7 @@ def test_rmsnorm_silu_mul_and_rope_equal_the_torch_ops(dtype):
 
 @pytest.mark.parametrize("level", LEVELS, ids=lambda i: native.ISAS[i])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("d", [16, 24], ids=["d16", "d24"])  # d24: the vector path's generic twin
+@pytest.mark.parametrize("d", [16, 24, 48, 128], ids=["d16", "d24", "d48", "d128"])  # d24: the vector path's generic twin
 def test_decode_attention_equals_sdpa_per_row(level, dtype, d):
     torch.manual_seed(0)
     heads, kv, rows, length = 4, 2, 4, 40

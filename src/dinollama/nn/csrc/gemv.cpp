@@ -1167,6 +1167,43 @@ constexpr WType cache_wtype() {
 // With AVX2 the key and value rows load 8 at a time, widened in registers: the compiler does not
 // vectorize the bf16/f16 conversions of the generic body (2.8 GFLOP/s there, 3-4% of a bf16 decode
 // step at 64 positions on a Zen 4).
+// q . k[at..at+d) as 8 lane sums (d % 16 == 0), two FMA chains
+template <WType T>
+T2 inline __m256 key_dot(const float* qf, const void* k, int64_t at, int64_t d) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  for (int64_t j = 0; j < d; j += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qf + j), load8<T>(k, at + j), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(qf + j + 8), load8<T>(k, at + j + 8), s1);
+  }
+  return _mm256_add_ps(s0, s1);
+}
+
+// lane t: the sum of r[t]'s lanes
+T2 inline __m256 hsum8x8(const __m256* r) {
+  const __m256 t0 = _mm256_hadd_ps(r[0], r[1]), t1 = _mm256_hadd_ps(r[2], r[3]);
+  const __m256 t2 = _mm256_hadd_ps(r[4], r[5]), t3 = _mm256_hadd_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+T2 inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+// acc[j0..j0+8NV) = sum_l p[l] v[l, j0..]: NV accumulators held in registers over the keys
+template <WType T, int NV>
+T2 inline void weighted_values(const float* p, const void* v, int64_t len, int64_t d, int64_t j0, float* acc) {
+  __m256 a[NV];
+  for (int i = 0; i < NV; ++i) a[i] = _mm256_setzero_ps();
+  for (int64_t l = 0; l < len; ++l) {
+    const __m256 e = _mm256_set1_ps(p[l]);
+    for (int i = 0; i < NV; ++i) a[i] = _mm256_fmadd_ps(e, load8<T>(v, l * d + j0 + 8 * i), a[i]);
+  }
+  for (int i = 0; i < NV; ++i) _mm256_storeu_ps(acc + j0 + 8 * i, a[i]);
+}
+
 template <typename Q, typename C>
 T2 void attend_one_avx2(const Q* q, const C* k, const C* v, int64_t len, int64_t d, float scale, float* p, float* qf,
                         float* acc, Q* out) {
@@ -1179,18 +1216,22 @@ T2 void attend_one_avx2(const Q* q, const C* k, const C* v, int64_t len, int64_t
     }
     constexpr WType T = cache_wtype<C>();
     for (int64_t j = 0; j < d; ++j) qf[j] = to_f(q[j]);
-    float mx = -INFINITY;
-    for (int64_t l = 0; l < len; ++l) {
-      __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-      for (int64_t j = 0; j < d; j += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qf + j), load8<T>(k, l * d + j), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(qf + j + 8), load8<T>(k, l * d + j + 8), s1);
-      }
-      p[l] = hsum8(_mm256_add_ps(s0, s1)) * scale;
+    __m256 vmax = _mm256_set1_ps(-INFINITY);
+    int64_t l = 0;
+    for (; l + 8 <= len; l += 8) {  // 8 keys' scores, summed across lanes together
+      __m256 r[8];
+      for (int t = 0; t < 8; ++t) r[t] = key_dot<T>(qf, k, (l + t) * d, d);
+      const __m256 sc = _mm256_mul_ps(hsum8x8(r), _mm256_set1_ps(scale));
+      _mm256_storeu_ps(p + l, sc);
+      vmax = _mm256_max_ps(vmax, sc);
+    }
+    float mx = hmax8(vmax);
+    for (; l < len; ++l) {
+      p[l] = hsum8(key_dot<T>(qf, k, l * d, d)) * scale;
       mx = std::max(mx, p[l]);
     }
     __m256 sum = _mm256_setzero_ps();
-    int64_t l = 0;
+    l = 0;
     for (; l + 8 <= len; l += 8) {
       const __m256 e = exp_neg8(_mm256_sub_ps(_mm256_loadu_ps(p + l), _mm256_set1_ps(mx)));
       _mm256_storeu_ps(p + l, e);
@@ -1201,11 +1242,13 @@ T2 void attend_one_avx2(const Q* q, const C* k, const C* v, int64_t len, int64_t
       p[l] = exp_neg(p[l] - mx);
       total += p[l];
     }
-    for (int64_t j = 0; j < d; ++j) acc[j] = 0.f;
-    for (int64_t l = 0; l < len; ++l) {
-      const __m256 e = _mm256_set1_ps(p[l]);
-      for (int64_t j = 0; j < d; j += 8)
-        _mm256_storeu_ps(acc + j, _mm256_fmadd_ps(e, load8<T>(v, l * d + j), _mm256_loadu_ps(acc + j)));
+    int64_t j0 = 0;
+    for (; j0 + 64 <= d; j0 += 64) weighted_values<T, 8>(p, v, len, d, j0, acc);
+    switch ((d - j0) / 8) {  // d % 16 == 0
+      case 6: weighted_values<T, 6>(p, v, len, d, j0, acc); break;
+      case 4: weighted_values<T, 4>(p, v, len, d, j0, acc); break;
+      case 2: weighted_values<T, 2>(p, v, len, d, j0, acc); break;
+      default: break;
     }
     for (int64_t j = 0; j < d; ++j) out[j] = from_f<Q>(acc[j] / total);
   }
