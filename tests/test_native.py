@@ -91,7 +91,8 @@ def test_a_row_alone_equals_the_row_among_others(level, dtype):
 
 @pytest.mark.parametrize("level", LEVELS, ids=lambda i: native.ISAS[i])
 @pytest.mark.parametrize("config,k", [(QuantConfig(8, 32), 160), (QuantConfig(8, 64), 1024), (QuantConfig(4, 32), 160),
-                                      (QuantConfig(4, 128), 1024)],  # K = 160: the last block has no pair
+                                      (QuantConfig(4, 128), 1024), (QuantConfig(4, 64), 192)],
+                         # K = 160: the last block has no pair; 192: three pairs (AVX-512 takes two at a time)
                          ids=lambda c: f"int{c.bits}-g{c.group_size}" if isinstance(c, QuantConfig) else f"k{c}")
 def test_a_quantized_row_alone_equals_the_row_among_others(level, config, k):
     torch.manual_seed(4)

@@ -724,6 +724,40 @@ T512 inline __attribute__((always_inline)) void q4_pair_streams(const uint8_t* c
   }
 }
 
+// Pairs p and p + 1 at once in 512-bit registers: the low half holds what q4_pair_streams adds for pair p (acc0's
+// lanes), the high half pair p + 1's (acc1's), so every lane sees the same operations in the same order.
+T512 inline __attribute__((always_inline)) void q4_quad_streams(const uint8_t* const* row, const uint16_t* const* ws,
+                                                               int64_t p, int64_t per, const int8_t* qx,
+                                                               const int32_t* corr, const float* dx8, __m512* acc) {
+  const __m512i m4 = _mm512_set1_epi8(15);
+  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const __m512i c = _mm512_loadu_si512(corr + p * 8);
+  const int8_t* xa = qx + p * 2 * kBlock;
+  const __m512i x0 = _mm512_inserti64x4(
+      _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa))),
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa + 2 * kBlock)), 1);
+  const __m512i x1 = _mm512_inserti64x4(
+      _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa + kBlock))),
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa + 3 * kBlock)), 1);
+  const __m512 d8 = _mm512_loadu_ps(dx8 + p * 8);
+  for (int s = 0; s < kStreams; ++s) {
+    const __m512i pw = _mm512_loadu_si512(row[s] + p * kBlock);
+    const __m512i lo = _mm512_and_si512(pw, m4), hi = _mm512_and_si512(_mm512_srli_epi16(pw, 4), m4);
+    __m512 sw;
+    if (per == 1) {
+      int64_t four;
+      std::memcpy(&four, ws[s] + 2 * p, 8);
+      sw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi64_si128(four))));
+    } else {
+      const __m256 s0 = _mm256_set1_ps(_cvtsh_ss(ws[s][2 * p / per]));
+      const __m256 s1 = _mm256_set1_ps(_cvtsh_ss(ws[s][2 * (p + 1) / per]));
+      sw = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(s0)), _mm256_castps_pd(s1), 1));
+    }
+    const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c, lo, x0), hi, x1);
+    acc[s] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, d8), acc[s]);
+  }
+}
+
 T512 int64_t q4_streams_vnni(const QuantArgs& a, int64_t m0, int64_t n0, int64_t n1) {
   const int64_t nb = a.K / kBlock, np = nb / 2, nq = (nb + 1) / 2, ng = a.K / a.G, per = a.G / kBlock;
   const int8_t* qx = a.qx + m0 * a.K;
@@ -733,16 +767,17 @@ T512 int64_t q4_streams_vnni(const QuantArgs& a, int64_t m0, int64_t n0, int64_t
   for (int64_t i = 0; i < part; ++i) {
     const uint8_t* row[kStreams];
     const uint16_t* ws[kStreams];
+    __m512 acc[kStreams];
     __m256 acc0[kStreams], acc1[kStreams];
     for (int s = 0; s < kStreams; ++s) {
       row[s] = a.w + (n0 + s * part + i) * (a.K / 2), ws[s] = a.ws + (n0 + s * part + i) * ng;
-      acc0[s] = acc1[s] = _mm256_setzero_ps();
+      acc[s] = _mm512_setzero_ps();
     }
     int64_t p = 0;
-    for (; p + 1 < np; p += 2) {
-      q4_pair_streams(row, ws, p, per, qx, corr, dx8, acc0);
-      q4_pair_streams(row, ws, p + 1, per, qx, corr, dx8, acc1);
-    }
+    for (; p + 1 < np; p += 2) q4_quad_streams(row, ws, p, per, qx, corr, dx8, acc);
+    for (int s = 0; s < kStreams; ++s)
+      acc0[s] = _mm512_castps512_ps256(acc[s]),
+      acc1[s] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[s]), 1));
     if (p < np) q4_pair_streams(row, ws, p, per, qx, corr, dx8, acc0);
     if (nb % 2) {  // the last, unpaired block: 16 bytes, activations [even | odd]
       const __m128i l4 = _mm_set1_epi8(15);
