@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -41,12 +42,23 @@ def barrier() -> None:
         dist.barrier()
 
 
-def teardown() -> None:
+def teardown(synchronize: bool = False) -> None:
     """Leave the process group before the interpreter exits.
 
     A gloo group still alive at exit can abort a process ("terminate called without an active
-    exception") after its work is done, which torchrun reports as a failed run. No barrier here:
-    after an error on one rank the others must not wait for it.
+    exception") after its work is done, which torchrun reports as a failed run; so can a rank that
+    closes its connections while another is still leaving (seen once, FSDP under load). So after a
+    command that succeeded (``synchronize``) the ranks first meet, for at most a minute; after an
+    error on one rank the others must not wait for it.
     """
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if synchronize and dist.get_world_size() > 1:
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=timedelta(seconds=60))
+            else:
+                dist.barrier()
+        except RuntimeError:  # a rank that never came: leave anyway
+            pass
+    dist.destroy_process_group()

@@ -60,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     keep_freed_memory()  # every command is a long job over large tensors
+    code = 1
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        return code
     except (CheckpointError, OfflineError, ImageLoadError, OSError, ValueError, TrainingError, MemoryError) as e:
         print(f"dinollama {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        teardown()
+        teardown(synchronize=code == 0)
 
 
 def _one_line(e: BaseException, width: int = 400) -> str:
