@@ -575,6 +575,16 @@ T2 void q8_avx2(const QuantArgs& a, int64_t m0, int64_t n0, int64_t n1) {
     }                                                                                                        \
   }
 
+// The weight rows (row_bytes each) and group scales (ng each) of the kStreams rows that step i of a stream kernel
+// reads: rows n0 + s * part + i.
+inline void stream_rows(const QuantArgs& a, int64_t row_bytes, int64_t ng, int64_t n0, int64_t part, int64_t i,
+                        const uint8_t** row, const uint16_t** ws) {
+  for (int s = 0; s < kStreams; ++s) {
+    row[s] = a.w + (n0 + s * part + i) * row_bytes;
+    ws[s] = a.ws + (n0 + s * part + i) * ng;
+  }
+}
+
 // One row of x against kStreams weight rows at once (as float_streams_avx512): each row's sums exactly as
 // q8_vnni512<1> makes them, the activations' loads shared.
 T512 inline __attribute__((always_inline)) void q8_pair_streams(const uint8_t* const* row, const uint16_t* const* ws,
@@ -609,11 +619,9 @@ T512 int64_t q8_streams_vnni512(const QuantArgs& a, int64_t m0, int64_t n0, int6
   for (int64_t i = 0; i < part; ++i) {
     const uint8_t* row[kStreams];
     const uint16_t* ws[kStreams];
+    stream_rows(a, a.K, ng, n0, part, i, row, ws);
     __m512 acc0[kStreams], acc1[kStreams];
-    for (int s = 0; s < kStreams; ++s) {
-      row[s] = a.w + (n0 + s * part + i) * a.K, ws[s] = a.ws + (n0 + s * part + i) * ng;
-      acc0[s] = acc1[s] = _mm512_setzero_ps();
-    }
+    for (int s = 0; s < kStreams; ++s) acc0[s] = acc1[s] = _mm512_setzero_ps();
     int64_t p = 0;
     for (; p + 1 < np; p += 2) {
       q8_pair_streams(row, ws, p, per, qx, dx, spread, acc0);
@@ -767,17 +775,16 @@ T512 int64_t q4_streams_vnni(const QuantArgs& a, int64_t m0, int64_t n0, int64_t
   for (int64_t i = 0; i < part; ++i) {
     const uint8_t* row[kStreams];
     const uint16_t* ws[kStreams];
+    stream_rows(a, a.K / 2, ng, n0, part, i, row, ws);
     __m512 acc[kStreams];
-    __m256 acc0[kStreams], acc1[kStreams];
-    for (int s = 0; s < kStreams; ++s) {
-      row[s] = a.w + (n0 + s * part + i) * (a.K / 2), ws[s] = a.ws + (n0 + s * part + i) * ng;
-      acc[s] = _mm512_setzero_ps();
-    }
+    for (int s = 0; s < kStreams; ++s) acc[s] = _mm512_setzero_ps();
     int64_t p = 0;
     for (; p + 1 < np; p += 2) q4_quad_streams(row, ws, p, per, qx, corr, dx8, acc);
-    for (int s = 0; s < kStreams; ++s)
-      acc0[s] = _mm512_castps512_ps256(acc[s]),
+    __m256 acc0[kStreams], acc1[kStreams];  // the halves: what q4_pair_streams' acc0 and acc1 would hold
+    for (int s = 0; s < kStreams; ++s) {
+      acc0[s] = _mm512_castps512_ps256(acc[s]);
       acc1[s] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[s]), 1));
+    }
     if (p < np) q4_pair_streams(row, ws, p, per, qx, corr, dx8, acc0);
     if (nb % 2) {  // the last, unpaired block: 16 bytes, activations [even | odd]
       const __m128i l4 = _mm_set1_epi8(15);
@@ -795,7 +802,7 @@ T512 int64_t q4_streams_vnni(const QuantArgs& a, int64_t m0, int64_t n0, int64_t
   }
   return n0 + kStreams * part;
 }
-T2 inline int64_t q4_no_streams(const QuantArgs&, int64_t, int64_t n0, int64_t) { return n0; }
+inline int64_t q4_no_streams(const QuantArgs&, int64_t, int64_t n0, int64_t) { return n0; }
 
 #define DL_Q4_KERNEL(NAME, ATTR, UDOT, UDOT2, STREAMS)                                                                       \
   template <int MB>                                                                                          \
@@ -1199,9 +1206,6 @@ constexpr WType cache_wtype() {
   return std::is_same_v<C, float> ? kF32 : std::is_same_v<C, c10::BFloat16> ? kBF16 : kF16;
 }
 
-// With AVX2 the key and value rows load 8 at a time, widened in registers: the compiler does not
-// vectorize the bf16/f16 conversions of the generic body (2.8 GFLOP/s there, 3-4% of a bf16 decode
-// step at 64 positions on a Zen 4).
 // q . k[at..at+d) as 8 lane sums (d % 16 == 0), two FMA chains
 template <WType T>
 T2 inline __m256 key_dot(const float* qf, const void* k, int64_t at, int64_t d) {
@@ -1239,6 +1243,10 @@ T2 inline void weighted_values(const float* p, const void* v, int64_t len, int64
   for (int i = 0; i < NV; ++i) _mm256_storeu_ps(acc + j0 + 8 * i, a[i]);
 }
 
+// With AVX2 the key and value rows load 8 at a time, widened in registers: the compiler does not
+// vectorize the bf16/f16 conversions of the generic body (2.8 GFLOP/s there, 3-4% of a bf16 decode
+// step at 64 positions on a Zen 4). Scores go 8 keys at a time (d=64 heads 1.2-1.35x on a Zen 4) and the
+// weighted values stay in registers.
 template <typename Q, typename C>
 T2 void attend_one_avx2(const Q* q, const C* k, const C* v, int64_t len, int64_t d, float scale, float* p, float* qf,
                         float* acc, Q* out) {
