@@ -337,6 +337,34 @@ def test_a_serving_step_equals_the_torch_path(monkeypatch):
         assert (a - b).abs().max() <= 1e-4 * b.abs().max()
 
 
+@pytest.mark.parametrize("mode", ["auto", "avx2"])
+@pytest.mark.parametrize("scheme", [None, "int8", "int4"])
+def test_the_fused_decode_step_equals_the_layers_one_by_one(mode, scheme, monkeypatch):
+    """decode_layers (its own row buffers, products, norms, RoPE, cache writes, attention) against the same model's
+    layers as torch modules over the same native products and attention: a bf16 model, bit for bit, rows at
+    different positions, grouped-query heads."""
+    monkeypatch.setenv(kernels.ENV, mode)
+    torch.manual_seed(0)
+    args = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=32, max_seq_len=64)
+    model = Transformer(args).eval()
+    if scheme:
+        quantize(model, scheme, head=True)
+    model = optimize_for_inference(model.to(torch.bfloat16))
+    tokens = torch.randint(0, 96, (3, 12))
+    results = {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(Transformer, "_native_decode", lambda *a: None)
+        model.setup_cache(3, 32)
+        with torch.inference_mode():
+            model.step(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long),
+                       [(tokens[r, : 5 + r], 0, r) for r in range(3)])
+            positions = torch.tensor([5, 6, 7])
+            results[fused] = [model.step(tokens[:, 8 + i], positions + i, [])[0] for i in range(3)]
+    for a, b in zip(results[True], results[False]):
+        assert torch.equal(a, b)
+
+
 def test_a_stale_build_lock_is_removed(monkeypatch, tmp_path, capsys):
     """A first build killed half-way leaves torch's lock file behind, and every later load would wait on it."""
     import os

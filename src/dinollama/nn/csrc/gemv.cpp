@@ -414,27 +414,75 @@ inline int64_t q4_slot(int64_t b, int i, int64_t nb) {
   return (b / 2) * 2 * kBlock + (i % 2) * kBlock + (b % 2) * half + i / 2;
 }
 
+// One 32-block of x rounded to int8 with scale amax / 127, the codes in element order; returns the scale.
+inline float quantize_block(const float* src, int8_t* codes, int32_t* sum) {
+  float amax = 0.f;
+  for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(src[i]));
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  *sum = 0;
+  for (int i = 0; i < kBlock; ++i) {
+    codes[i] = static_cast<int8_t>(std::nearbyint(src[i] * inv));
+    *sum += codes[i];
+  }
+  return amax / 127.f;
+}
+
+#ifdef DL_X86
+// quantize_block 8 lanes at a time (the same products, rounded to nearest even as nearbyint): the scalar loop was
+// 2 ns an element, a sixth of a q4_0 134M decode step's time outside its products at 2 threads (Zen 4).
+T2 float quantize_block_avx2(const float* src, int8_t* codes, int32_t* sum) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 v[4], mx = _mm256_setzero_ps();
+  for (int j = 0; j < 4; ++j) {
+    v[j] = _mm256_loadu_ps(src + 8 * j);
+    mx = _mm256_max_ps(_mm256_andnot_ps(sign, v[j]), mx);  // max_ps keeps its second operand against a NaN
+  }
+  const __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  const __m128 m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  const float amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps(m2, m2, 1)));
+  const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+  __m256i c[4];
+  for (int j = 0; j < 4; ++j) c[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
+  const __m256i s = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
+  const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+  const __m128i s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+  *sum = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0xb1)));
+  // packs work per 128-bit lane: [c0 lo, c1 lo, c0 hi, c1 hi] then bytes; the permute puts them in order
+  const __m256i w01 = _mm256_packs_epi32(c[0], c[1]), w23 = _mm256_packs_epi32(c[2], c[3]);
+  const __m256i b = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes), b);
+  return amax / 127.f;
+}
+#endif
+
 // Round each 32-block of x to int8 with scale amax / 127 (Q8: in place; Q4: q4_slot). Per pair of
 // blocks p, dx8[p] holds the two scales as [d0 x4, d1 x4] and corr[p] the Q4 offset -8 sum(x) of each
 // block in lanes 0 and 4 (a last unpaired block: its scale in all 8 lanes, its offset in lane 0).
 void quantize_activations(const float* x, int64_t M, int64_t K, bool q4, int8_t* q, float* d, float* dx8,
-                          int32_t* corr) {
+                          int32_t* corr, int64_t isa) {
   const int64_t nb = K / kBlock, nq = (nb + 1) / 2;
   std::fill(corr, corr + M * nq * 8, 0);
+  int8_t codes[kBlock];
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < nb; ++b) {
       const float* src = x + m * K + b * kBlock;
-      float amax = 0.f;
-      for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(src[i]));
-      const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      int8_t* out = q4 ? codes : q + m * K + b * kBlock;
+      int32_t sum;
+#ifdef DL_X86
+      const float scale = isa >= kAvx2 ? quantize_block_avx2(src, out, &sum) : quantize_block(src, out, &sum);
+#else
+      const float scale = quantize_block(src, out, &sum);
+#endif
       d[m * nb + b] = scale;
-      int32_t sum = 0;
-      for (int i = 0; i < kBlock; ++i) {
-        const int8_t v = static_cast<int8_t>(std::nearbyint(src[i] * inv));
-        q[m * K + (q4 ? q4_slot(b, i, nb) : b * kBlock + i)] = v;
-        sum += v;
-      }
       const bool single = b == nb - 1 && nb % 2;
+      if (q4) {  // q4_slot's order: even elements, then 16 (single) or 32 (pair) bytes on, the odd ones
+        int8_t* even = q + m * K + (single ? b * kBlock : (b / 2) * 2 * kBlock + (b % 2) * (kBlock / 2));
+        int8_t* odd = even + (single ? kBlock / 2 : kBlock);
+        for (int j = 0; j < kBlock / 2; ++j) {
+          even[j] = codes[2 * j];
+          odd[j] = codes[2 * j + 1];
+        }
+      }
       float* d8 = dx8 + (m * nq + b / 2) * 8;
       std::fill(d8 + (single ? 0 : (b % 2) * 4), d8 + (single ? 8 : (b % 2) * 4 + 4), scale);
       corr[(m * nq + b / 2) * 8 + (single ? 0 : (b % 2) * 4)] = -8 * sum;
@@ -867,11 +915,9 @@ constexpr int64_t kGrain = 16;  // output rows per task at least: a few KB of we
 // whose sums per row do not depend on how many rows share the step.
 constexpr int64_t kTiledRows = 17;
 
-torch::Tensor float_gemv(const torch::Tensor& x, const torch::Tensor& w, int64_t isa) {
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  auto y = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+// The products on raw rows, y (M, N) in fp32, for gemv and the fused decode step (which owns its buffers).
+void float_product(const float* xp, int64_t M, int64_t K, const torch::Tensor& w, float* yp, int64_t isa) {
+  const int64_t N = w.size(0);
   const void* wp = w.data_ptr();
   const auto t = w.scalar_type();
 #ifdef DL_X86
@@ -883,7 +929,7 @@ torch::Tensor float_gemv(const torch::Tensor& x, const torch::Tensor& w, int64_t
       else if (t == at::kBFloat16) tiled_avx2<kBF16>(xp, M, K, wp, yp, N, n0, n1);
       else tiled_avx2<kF16>(xp, M, K, wp, yp, N, n0, n1);
     });
-    return y;
+    return;
   }
 #endif
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
@@ -891,35 +937,36 @@ torch::Tensor float_gemv(const torch::Tensor& x, const torch::Tensor& w, int64_t
     else if (t == at::kBFloat16) float_rows<kBF16>(xp, M, K, wp, yp, N, n0, n1, isa);
     else float_rows<kF16>(xp, M, K, wp, yp, N, n0, n1, isa);
   });
-  return y;
 }
 
-torch::Tensor quant_gemv(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales, bool q4,
-                         int64_t isa) {
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  const int64_t G = K / scales.size(1);
+void quant_product(const float* x, int64_t M, int64_t K, const torch::Tensor& w, const torch::Tensor& scales, bool q4,
+                   float* y, int64_t isa) {
+  const int64_t N = w.size(0), G = K / scales.size(1);
   std::vector<int8_t> qx(M * K);
   const int64_t nq = (K / kBlock + 1) / 2;
   std::vector<float> dx(M * (K / kBlock)), dx8(M * nq * 8);
   std::vector<int32_t> corr(M * nq * 8);
-  quantize_activations(x.data_ptr<float>(), M, K, q4, qx.data(), dx.data(), dx8.data(), corr.data());
-  auto y = torch::empty({M, N}, x.options());
+  quantize_activations(x, M, K, q4, qx.data(), dx.data(), dx8.data(), corr.data(), isa);
   const QuantArgs a{qx.data(), dx.data(), dx8.data(), corr.data(), K, static_cast<const uint8_t*>(w.data_ptr()),
-                    reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), G, y.data_ptr<float>(), N};
+                    reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), G, y, N};
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
     if (q4) quant_rows<true>(a, M, n0, n1, isa);
     else quant_rows<false>(a, M, n0, n1, isa);
   });
-  return y;
 }
 
-// y = x @ W.T for x (M, K), in x's dtype (the product in fp32). `wtype`: 0 float weights (f32/bf16/f16,
-// by dtype), 3 Q8, 4 Q4.
-torch::Tensor gemv_f32(torch::Tensor x, torch::Tensor w, torch::Tensor scales, int64_t wtype, int64_t isa) {
+#ifdef DL_X86
+void bf16_product(const uint16_t* xp, int64_t M, int64_t K, const torch::Tensor& w, float* yp) {
+  const int64_t N = w.size(0);
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) { bf16_rows(xp, M, K, wp, yp, N, n0, n1); });
+}
+#endif
+
+// A weight of kind `wtype` (0 float, 3 Q8, 4 Q4) with its scales, for rows of K.
+void check_weight(int64_t K, const torch::Tensor& w, const torch::Tensor& scales, int64_t wtype) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "gemv: the weight must be a contiguous matrix");
-  const int64_t K = x.size(1);
   TORCH_CHECK(K % kBlock == 0, "gemv: K must be a multiple of 32, got ", K);
-  isa = std::min(isa, detect_isa());
   if (wtype == kQ8 || wtype == kQ4) {
     const bool q4 = wtype == kQ4;
     TORCH_CHECK(w.scalar_type() == (q4 ? at::kByte : at::kChar), "gemv: Q8 weights are int8, Q4 weights uint8");
@@ -928,41 +975,54 @@ torch::Tensor gemv_f32(torch::Tensor x, torch::Tensor w, torch::Tensor scales, i
                     scales.size(0) == w.size(0) && scales.size(1) > 0 && K % scales.size(1) == 0 &&
                     (K / scales.size(1)) % kBlock == 0,
                 "gemv: scales must be contiguous float16 (N, K / G), G a multiple of 32");
-    return quant_gemv(x, w, scales, q4, isa);
+    return;
   }
   TORCH_CHECK(wtype == kF32, "gemv: unknown weight type ", wtype);
   TORCH_CHECK(w.size(1) == K, "gemv: weight columns do not match K");
   const auto t = w.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, "gemv: float weights are f32, bf16 or f16");
-  return float_gemv(x, w, isa);
 }
 
+// Whether x of dtype t runs AVX512-BF16's bf16 x bf16 product against w (a bf16 model's float weights).
+bool takes_bf16_dot(at::ScalarType t, const torch::Tensor& w, int64_t wtype, int64_t isa) {
 #ifdef DL_X86
-torch::Tensor bf16_gemv(const torch::Tensor& x, const torch::Tensor& w) {
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(K % kBlock == 0 && w.size(1) == K && w.is_contiguous(), "gemv: weight columns do not match K");
-  auto y = torch::empty({M, N}, x.options().dtype(at::kFloat));
-  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) { bf16_rows(xp, M, K, wp, yp, N, n0, n1); });
-  return y;
-}
+  static const bool bf16_dot = has_bf16_dot();
+  return wtype == kF32 && t == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && isa >= kAvx512 && bf16_dot &&
+         detect_isa() >= kAvx512;
+#else
+  return false;
 #endif
+}
 
+// fp32 x (M, K) against a checked weight, into y (M, N).
+void product(const float* x, int64_t M, int64_t K, const torch::Tensor& w, const torch::Tensor& scales, int64_t wtype,
+             float* y, int64_t isa) {
+  if (wtype == kQ8 || wtype == kQ4) return quant_product(x, M, K, w, scales, wtype == kQ4, y, isa);
+  float_product(x, M, K, w, y, isa);
+}
+
+// y = x @ W.T for x (..., K), in x's dtype (the product in fp32). `wtype`: 0 float weights (f32/bf16/f16,
+// by dtype), 3 Q8, 4 Q4.
 torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scales, int64_t wtype, int64_t isa) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "gemv: CPU tensors only");
   TORCH_CHECK(x.dim() >= 1, "gemv: x needs a last dimension");
   const auto t = x.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, "gemv: x must be f32, bf16 or f16");
-  torch::Tensor y;
+  const int64_t K = x.size(-1);
+  check_weight(K, w, scales, wtype);
+  isa = std::min(isa, detect_isa());
+  auto x2 = x.reshape({-1, K});
+  auto y = torch::empty({x2.size(0), w.size(0)}, x.options().dtype(at::kFloat));
 #ifdef DL_X86
-  static const bool bf16_dot = has_bf16_dot();
-  if (wtype == kF32 && t == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && w.dim() == 2 && isa >= kAvx512 &&
-      bf16_dot && detect_isa() >= kAvx512)
-    y = bf16_gemv(x.reshape({-1, x.size(-1)}).contiguous(), w);
+  if (takes_bf16_dot(t, w, wtype, isa)) {
+    x2 = x2.contiguous();
+    bf16_product(reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>()), x2.size(0), K, w, y.data_ptr<float>());
+  }
 #endif
-  if (!y.defined()) y = gemv_f32(x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous(), w, scales, wtype, isa);
+  if (!takes_bf16_dot(t, w, wtype, isa)) {
+    x2 = x2.to(at::kFloat).contiguous();
+    product(x2.data_ptr<float>(), x2.size(0), K, w, scales, wtype, y.data_ptr<float>(), isa);
+  }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = y.size(1);
   return y.to(t).view(shape);
@@ -1030,28 +1090,31 @@ void round_row(float* buf, T* tmp, int64_t n, bool avx2) {
 inline bool has_avx2(int64_t isa) { return std::min(isa, detect_isa()) >= kAvx2; }
 
 // Llama's RMSNorm: (x * rsqrt(mean(x^2) + eps)) rounded to x's dtype, then times the weight (same dtype).
+template <typename T>
+void rmsnorm_rows(const T* xp, const T* wp, int64_t rows, int64_t dim, float eps, bool avx2, T* yp) {
+  std::vector<float> xb(dim), wb(dim);
+  std::vector<T> tmp(dim);
+  load_row(wp, wb.data(), dim, avx2);
+  for (int64_t r = 0; r < rows; ++r) {
+    load_row(xp + r * dim, xb.data(), dim, avx2);
+    float ss = 0.f;
+    for (int64_t i = 0; i < dim; ++i) ss += xb[i] * xb[i];
+    const float inv = 1.f / std::sqrt(ss / static_cast<float>(dim) + eps);
+    for (int64_t i = 0; i < dim; ++i) xb[i] *= inv;
+    round_row(xb.data(), tmp.data(), dim, avx2);
+    for (int64_t i = 0; i < dim; ++i) xb[i] *= wb[i];
+    store_row(xb.data(), yp + r * dim, dim, avx2);
+  }
+}
+
 torch::Tensor rmsnorm(torch::Tensor x, torch::Tensor w, double eps, int64_t isa) {
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && x.size(-1) == w.numel() && w.scalar_type() == x.scalar_type(),
               "rmsnorm: contiguous x (..., dim) and weight (dim) of one dtype");
   auto y = torch::empty_like(x);
-  const int64_t dim = x.size(-1), rows = x.numel() / dim;
-  const bool avx2 = has_avx2(isa);
+  const int64_t dim = x.size(-1);
   DL_DISPATCH(x.scalar_type(), "rmsnorm", [&] {
-    const scalar_t *xp = x.data_ptr<scalar_t>(), *wp = w.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    std::vector<float> xb(dim), wb(dim);
-    std::vector<scalar_t> tmp(dim);
-    load_row(wp, wb.data(), dim, avx2);
-    for (int64_t r = 0; r < rows; ++r) {
-      load_row(xp + r * dim, xb.data(), dim, avx2);
-      float ss = 0.f;
-      for (int64_t i = 0; i < dim; ++i) ss += xb[i] * xb[i];
-      const float inv = 1.f / std::sqrt(ss / static_cast<float>(dim) + static_cast<float>(eps));
-      for (int64_t i = 0; i < dim; ++i) xb[i] *= inv;
-      round_row(xb.data(), tmp.data(), dim, avx2);
-      for (int64_t i = 0; i < dim; ++i) xb[i] *= wb[i];
-      store_row(xb.data(), yp + r * dim, dim, avx2);
-    }
+    rmsnorm_rows(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), x.numel() / dim, dim, static_cast<float>(eps),
+                 has_avx2(isa), y.data_ptr<scalar_t>());
   });
   return y;
 }
@@ -1059,32 +1122,36 @@ torch::Tensor rmsnorm(torch::Tensor x, torch::Tensor w, double eps, int64_t isa)
 // Rotary embedding in place on the q and k heads of a fused projection output qkv (T, >= (H + Hkv) * d):
 // pair j of token t turns by rot[t, j] = (cos, sin) (one rot row: the same for every token), Meta's
 // interleaved layout, fp32 math.
+template <typename T>
+void rope_rows(T* base, int64_t rows, int64_t ld, int64_t heads, int64_t head_dim, const float* r, bool one_rot,
+               bool avx2) {
+  const int64_t half = head_dim / 2, rstep = one_rot ? 0 : half, width = heads * head_dim;
+  std::vector<float> buf(width);
+  for (int64_t t = 0; t < rows; ++t) {
+    load_row(base + t * ld, buf.data(), width, avx2);
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = buf.data() + h * head_dim;
+      for (int64_t j = 0; j < half; ++j) {
+        const float c = r[(t * rstep + j) * 2], sn = r[(t * rstep + j) * 2 + 1];
+        const float a = v[2 * j], b = v[2 * j + 1];
+        v[2 * j] = a * c - b * sn;
+        v[2 * j + 1] = a * sn + b * c;
+      }
+    }
+    store_row(buf.data(), base + t * ld, width, avx2);
+  }
+}
+
 void rope_qk_(torch::Tensor qkv, int64_t heads, int64_t head_dim, torch::Tensor rot, int64_t isa) {
   TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 && qkv.size(1) >= heads * head_dim && head_dim % 2 == 0,
               "rope_qk_: qkv (T, width) with unit column stride");
   TORCH_CHECK(rot.scalar_type() == at::kFloat && rot.is_contiguous() && rot.dim() == 3 &&
                   (rot.size(0) == qkv.size(0) || rot.size(0) == 1) && rot.size(1) == head_dim / 2 && rot.size(2) == 2,
               "rope_qk_: rot must be contiguous float32 (T or 1, head_dim / 2, 2)");
-  const int64_t T = qkv.size(0), half = head_dim / 2, ld = qkv.stride(0), rstep = rot.size(0) == 1 ? 0 : half;
-  const int64_t width = heads * head_dim;
-  const bool avx2 = has_avx2(isa);
+  const bool one = rot.size(0) == 1;
   DL_DISPATCH(qkv.scalar_type(), "rope_qk_", [&] {
-    scalar_t* base = qkv.data_ptr<scalar_t>();
-    const float* r = rot.data_ptr<float>();
-    std::vector<float> buf(width);
-    for (int64_t t = 0; t < T; ++t) {
-      load_row(base + t * ld, buf.data(), width, avx2);
-      for (int64_t h = 0; h < heads; ++h) {
-        float* v = buf.data() + h * head_dim;
-        for (int64_t j = 0; j < half; ++j) {
-          const float c = r[(t * rstep + j) * 2], sn = r[(t * rstep + j) * 2 + 1];
-          const float a = v[2 * j], b = v[2 * j + 1];
-          v[2 * j] = a * c - b * sn;
-          v[2 * j + 1] = a * sn + b * c;
-        }
-      }
-      store_row(buf.data(), base + t * ld, width, avx2);
-    }
+    rope_rows(qkv.data_ptr<scalar_t>(), qkv.size(0), qkv.stride(0), heads, head_dim, rot.data_ptr<float>(), one,
+              has_avx2(isa));
   });
 }
 
@@ -1143,30 +1210,32 @@ T2 void silu_avx2(float* a, int64_t n) {
 }
 #endif
 
+template <typename T>
+void silu_mul_rows(const T* g, int64_t rows, int64_t h, bool avx2, T* yp) {
+  std::vector<float> buf(h), ub(h);
+  std::vector<T> tmp(h);
+  for (int64_t r = 0; r < rows; ++r) {
+    load_row(g + r * 2 * h, buf.data(), h, avx2);
+    load_row(g + r * 2 * h + h, ub.data(), h, avx2);
+#ifdef DL_X86
+    if (avx2) silu_avx2(buf.data(), h);
+#endif
+    if (!avx2)
+      for (int64_t i = 0; i < h; ++i) buf[i] = buf[i] / (1.f + std::exp(-buf[i]));
+    round_row(buf.data(), tmp.data(), h, avx2);
+    for (int64_t i = 0; i < h; ++i) buf[i] *= ub[i];
+    store_row(buf.data(), yp + r * h, h, avx2);
+  }
+}
+
 torch::Tensor silu_mul(torch::Tensor gu, int64_t isa) {
   TORCH_CHECK(gu.is_contiguous() && gu.size(-1) % 2 == 0, "silu_mul: contiguous (..., 2 * hidden)");
   std::vector<int64_t> shape(gu.sizes().begin(), gu.sizes().end());
   const int64_t h = shape.back() / 2, rows = gu.numel() / (2 * h);
   shape.back() = h;
   auto y = torch::empty(shape, gu.options());
-  const bool avx2 = has_avx2(isa);
   DL_DISPATCH(gu.scalar_type(), "silu_mul", [&] {
-    const scalar_t* g = gu.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    std::vector<float> buf(h), ub(h);
-    std::vector<scalar_t> tmp(h);
-    for (int64_t r = 0; r < rows; ++r) {
-      load_row(g + r * 2 * h, buf.data(), h, avx2);
-      load_row(g + r * 2 * h + h, ub.data(), h, avx2);
-#ifdef DL_X86
-      if (avx2) silu_avx2(buf.data(), h);
-#endif
-      if (!avx2)
-        for (int64_t i = 0; i < h; ++i) buf[i] = buf[i] / (1.f + std::exp(-buf[i]));
-      round_row(buf.data(), tmp.data(), h, avx2);
-      for (int64_t i = 0; i < h; ++i) buf[i] *= ub[i];
-      store_row(buf.data(), yp + r * h, h, avx2);
-    }
+    silu_mul_rows(gu.data_ptr<scalar_t>(), rows, h, has_avx2(isa), y.data_ptr<scalar_t>());
   });
   return y;
 }
@@ -1298,6 +1367,35 @@ T2 void attend_one_avx2(const Q* q, const C* k, const C* v, int64_t len, int64_t
 }
 #endif
 
+// The shapes of one query per sequence: n rows of H heads of d (q's strides for rows and heads) against
+// caches (B, Hkv, L, d).
+struct Heads {
+  int64_t n, H, d, Hkv, L, q_row, q_head;
+};
+
+template <typename Q, typename C>
+void attend_rows(const Q* qp, const C* kp, const C* vp, const Heads& s, const int64_t* len, int64_t row0, bool avx2,
+                 Q* op) {
+  const float scale = 1.f / std::sqrt(static_cast<float>(s.d));
+  at::parallel_for(0, s.n * s.H, 1, [&](int64_t a0, int64_t a1) {
+    std::vector<float> buf(s.L + 2 * s.d);
+    float *p = buf.data(), *qf = p + s.L, *acc = qf + s.d;
+    for (int64_t a = a0; a < a1; ++a) {
+      const int64_t i = a / s.H, h = a % s.H, kvh = h / (s.H / s.Hkv);
+      const int64_t off = ((row0 + i) * s.Hkv + kvh) * s.L * s.d;
+      const Q* qa = qp + i * s.q_row + h * s.q_head;
+      Q* oa = op + (i * s.H + h) * s.d;
+#ifdef DL_X86
+      if (avx2) {
+        attend_one_avx2<Q, C>(qa, kp + off, vp + off, len[i], s.d, scale, p, qf, acc, oa);
+        continue;
+      }
+#endif
+      attend_one<Q, C>(qa, kp + off, vp + off, len[i], s.d, scale, p, qf, acc, oa);
+    }
+  });
+}
+
 // One query per sequence against its cache row: q (n, H, d) (a strided view is fine), cache k/v
 // (B, Hkv, L, d), row i of the batch in cache row row0 + i with lengths[i] keys. Scores, softmax and the
 // weighted sum of values all in fp32; the output (n, H * d) in q's dtype. Grouped-query heads share
@@ -1314,31 +1412,12 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   const int64_t* len = lengths.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) TORCH_CHECK(len[i] >= 1 && len[i] <= L, "decode_attention: a length is out of the cache");
   auto out = torch::empty({n, H * d}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  const Heads hs{n, H, d, Hkv, L, q.stride(0), q.stride(1)};
   DL_DISPATCH(q.scalar_type(), "decode_attention", [&] {
     using Q = scalar_t;
-    const Q* qp = q.data_ptr<Q>();
-    Q* op = out.data_ptr<Q>();
     DL_DISPATCH(k.scalar_type(), "decode_attention_cache", [&] {
-      using C = scalar_t;
-      const C *kp = k.data_ptr<C>(), *vp = v.data_ptr<C>();
-      const bool avx2 = has_avx2(isa);
-      at::parallel_for(0, n * H, 1, [&](int64_t a0, int64_t a1) {
-        std::vector<float> buf(L + 2 * d);
-        for (int64_t a = a0; a < a1; ++a) {
-          const int64_t i = a / H, h = a % H, kvh = h / (H / Hkv);
-          const int64_t off = ((row0 + i) * Hkv + kvh) * L * d;
-          const Q* qa = qp + i * q.stride(0) + h * q.stride(1);
-          Q* oa = op + i * H * d + h * d;
-#ifdef DL_X86
-          if (avx2) {
-            attend_one_avx2<Q, C>(qa, kp + off, vp + off, len[i], d, scale, buf.data(), buf.data() + L, buf.data() + L + d, oa);
-            continue;
-          }
-#endif
-          attend_one<Q, C>(qa, kp + off, vp + off, len[i], d, scale, buf.data(), buf.data() + L, buf.data() + L + d, oa);
-        }
-      });
+      attend_rows(q.data_ptr<Q>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), hs, len, row0, has_avx2(isa),
+                  out.data_ptr<Q>());
     });
   });
   return out;
@@ -1642,42 +1721,152 @@ torch::Tensor dequantize(torch::Tensor w, torch::Tensor scales, torch::Tensor mi
 
 // ---- a whole decode step of the layer stack ------------------------------------------------------
 // One call runs every layer for the decode rows: the ~25 torch ops a layer costs from Python (each a
-// few microseconds, 4-6 ms a token at 12 layers) become C++ calls of the kernels above. The numerics
-// are those of the ops one by one. Per layer, `weights` holds 12 tensors: attention norm, wqkv
-// (weight, scales), wo (weight, scales), ffn norm, w13 (weight, scales), w2 (weight, scales), cache k,
-// cache v; `kinds` the 4 linears' weight types (0 float, 3 Q8, 4 Q4). Row i of h decodes into cache row
-// row0 + i at position positions[i].
+// few microseconds, 4-6 ms a token at 12 layers) become C++ loops over row buffers the step owns. (As ATen
+// calls from C++ — conversions, views, cache copies — they were still ~50 a layer: 1.0 of the 3.1 ms of a
+// q4_0 134M token besides its products, 2 threads on a Zen 4.) The numerics are those of the ops one by one.
+// Per layer, `weights` holds 12 tensors: attention norm, wqkv (weight, scales), wo (weight, scales), ffn norm,
+// w13 (weight, scales), w2 (weight, scales), cache k, cache v; `kinds` the 4 linears' weight types (0 float,
+// 3 Q8, 4 Q4). Row i of h decodes into cache row row0 + i at position positions[i].
+template <typename T>
+struct StepRows {  // a step's buffers, reused by every layer
+  std::vector<float> xf, y;
+  std::vector<T> xn, qkv, attn, gate_up, act, out;
+};
+
+// out (n, N) = x (n, K) @ W.T rounded to T, as gemv returns it.
+template <typename T>
+void product_rows(const T* x, int64_t n, int64_t K, const torch::Tensor& w, const torch::Tensor& s, int64_t wtype,
+                  int64_t isa, bool avx2, StepRows<T>& b, std::vector<T>& out) {
+  check_weight(K, w, s, wtype);
+  const int64_t N = w.size(0);
+  out.resize(n * N);
+  if constexpr (std::is_same_v<T, float>) {
+    return product(x, n, K, w, s, wtype, out.data(), isa);
+  } else {
+    b.y.resize(n * N);
+#ifdef DL_X86
+    if (std::is_same_v<T, c10::BFloat16> && takes_bf16_dot(at::kBFloat16, w, wtype, isa)) {
+      bf16_product(reinterpret_cast<const uint16_t*>(x), n, K, w, b.y.data());
+      return store_row(b.y.data(), out.data(), n * N, avx2);
+    }
+#endif
+    b.xf.resize(n * K);
+    load_row(x, b.xf.data(), n * K, avx2);
+    product(b.xf.data(), n, K, w, s, wtype, b.y.data(), isa);
+    store_row(b.y.data(), out.data(), n * N, avx2);
+  }
+}
+
+// h += y in T: each sum in fp32, rounded to T, as torch adds two T tensors.
+template <typename T>
+void add_rows(T* h, const T* y, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) h[i] = from_f<T>(to_f(h[i]) + to_f(y[i]));
+}
+
+// The k and v heads of qkv row i into cache row row0 + i at positions[i] (cache (B, Hkv, L, d) of type C).
+template <typename T, typename C>
+void write_cache(const T* qkv, int64_t width, const Heads& s, const int64_t* pos, int64_t row0, C* k, C* v) {
+  for (int64_t i = 0; i < s.n; ++i)
+    for (int64_t j = 0; j < s.Hkv; ++j) {
+      const T* src = qkv + i * width + (s.H + j) * s.d;
+      const int64_t at = (((row0 + i) * s.Hkv + j) * s.L + pos[i]) * s.d;
+      for (int64_t e = 0; e < s.d; ++e) {
+        k[at + e] = from_f<C>(to_f(src[e]));
+        v[at + e] = from_f<C>(to_f(src[s.Hkv * s.d + e]));
+      }
+    }
+}
+
+template <typename T>
+void decode_step(T* h, int64_t n, int64_t dim, const std::vector<torch::Tensor>& weights, const int64_t* kinds,
+                 const int64_t* pos, int64_t row0, const float* rot, bool one_rot, int64_t n_heads, int64_t n_kv,
+                 float eps, int64_t isa) {
+  const int64_t hd = dim / n_heads, width = (n_heads + 2 * n_kv) * hd;
+  const bool avx2 = has_avx2(isa);
+  std::vector<int64_t> lengths(pos, pos + n);
+  for (auto& l : lengths) ++l;
+  StepRows<T> b;
+  b.xn.resize(n * dim);
+  for (size_t l = 0; l < weights.size() / 12; ++l) {
+    const torch::Tensor* w = weights.data() + l * 12;
+    const int64_t* kind = kinds + l * 4;
+    const torch::Tensor &k_cache = w[10], &v_cache = w[11];
+    const Heads hs{n, n_heads, hd, n_kv, k_cache.size(2), width, hd};
+    rmsnorm_rows(h, w[0].data_ptr<T>(), n, dim, eps, avx2, b.xn.data());
+    product_rows(b.xn.data(), n, dim, w[1], w[2], kind[0], isa, avx2, b, b.qkv);
+    TORCH_CHECK(b.qkv.size() == static_cast<size_t>(n * width), "decode_layers: wqkv has ", b.qkv.size() / n,
+                " rows, not (heads + 2 kv heads) * head_dim = ", width);
+    rope_rows(b.qkv.data(), n, width, n_heads + n_kv, hd, rot, one_rot, avx2);
+    DL_DISPATCH(k_cache.scalar_type(), "decode_layers_cache", [&] {
+      write_cache(b.qkv.data(), width, hs, pos, row0, k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>());
+      b.attn.resize(n * n_heads * hd);
+      attend_rows(b.qkv.data(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), hs, lengths.data(), row0,
+                  avx2, b.attn.data());
+    });
+    product_rows(b.attn.data(), n, n_heads * hd, w[3], w[4], kind[1], isa, avx2, b, b.out);
+    TORCH_CHECK(b.out.size() == static_cast<size_t>(n * dim), "decode_layers: wo does not give dim rows");
+    add_rows(h, b.out.data(), n * dim);
+    rmsnorm_rows(h, w[5].data_ptr<T>(), n, dim, eps, avx2, b.xn.data());
+    product_rows(b.xn.data(), n, dim, w[6], w[7], kind[2], isa, avx2, b, b.gate_up);
+    const int64_t hidden = b.gate_up.size() / n / 2;
+    b.act.resize(n * hidden);
+    silu_mul_rows(b.gate_up.data(), n, hidden, avx2, b.act.data());
+    product_rows(b.act.data(), n, hidden, w[8], w[9], kind[3], isa, avx2, b, b.out);
+    TORCH_CHECK(b.out.size() == static_cast<size_t>(n * dim), "decode_layers: w2 does not give dim rows");
+    add_rows(h, b.out.data(), n * dim);
+  }
+}
+
+// The tensors' shapes and types, once per step, so that decode_step only reads memory it was given.
+void check_layers(const torch::Tensor& h, const std::vector<torch::Tensor>& weights, const std::vector<int64_t>& kinds,
+                  const torch::Tensor& positions, int64_t row0, const torch::Tensor& rot, int64_t n_heads, int64_t n_kv) {
+  const auto t = h.scalar_type();
+  TORCH_CHECK(h.dim() == 2 && h.is_contiguous(), "decode_layers: h must be contiguous (n, dim)");
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, "decode_layers: h must be f32, bf16 or f16");
+  TORCH_CHECK(weights.size() % 12 == 0 && kinds.size() == weights.size() / 12 * 4, "decode_layers: 12 tensors and 4 kinds a layer");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 && positions.size(0) == h.size(0) &&
+                  positions.is_contiguous(), "decode_layers: int64 positions (n)");
+  const int64_t n = h.size(0), dim = h.size(1), hd = dim / n_heads;
+  TORCH_CHECK(n_heads > 0 && n_kv > 0 && dim % n_heads == 0 && n_heads % n_kv == 0 && hd % 2 == 0,
+              "decode_layers: heads do not divide dim");
+  TORCH_CHECK(rot.scalar_type() == at::kFloat && rot.is_contiguous() && rot.dim() == 3 &&
+                  (rot.size(0) == n || rot.size(0) == 1) && rot.size(1) == hd / 2 && rot.size(2) == 2,
+              "decode_layers: rot must be contiguous float32 (n or 1, head_dim / 2, 2)");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (size_t l = 0; l < weights.size() / 12; ++l) {
+    const torch::Tensor* w = weights.data() + l * 12;
+    for (int i : {0, 5})
+      TORCH_CHECK(w[i].scalar_type() == t && w[i].is_contiguous() && w[i].numel() == dim,
+                  "decode_layers: norm weights (dim) in h's dtype");
+    const torch::Tensor &k = w[10], &v = w[11];
+    TORCH_CHECK(k.dim() == 4 && k.is_contiguous() && v.is_contiguous() && k.sizes() == v.sizes() &&
+                    k.scalar_type() == v.scalar_type() && k.size(1) == n_kv && k.size(3) == hd,
+                "decode_layers: contiguous caches (B, kv heads, L, head_dim)");
+    TORCH_CHECK(row0 >= 0 && row0 + n <= k.size(0), "decode_layers: rows out of the cache");
+    for (int64_t i = 0; i < n; ++i)
+      TORCH_CHECK(pos[i] >= 0 && pos[i] < k.size(2), "decode_layers: a position is out of the cache");
+  }
+}
+
 torch::Tensor decode_layers(torch::Tensor h, const std::vector<torch::Tensor>& weights, const std::vector<int64_t>& kinds,
                             torch::Tensor positions, int64_t row0, torch::Tensor rot, int64_t n_heads, int64_t n_kv,
                             double eps, int64_t isa) {
-  constexpr size_t kPer = 12;
-  TORCH_CHECK(h.dim() == 2 && h.is_contiguous(), "decode_layers: h must be contiguous (n, dim)");
-  TORCH_CHECK(weights.size() % kPer == 0 && kinds.size() == weights.size() / kPer * 4, "decode_layers: 12 tensors and 4 kinds a layer");
-  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 && positions.size(0) == h.size(0),
-              "decode_layers: int64 positions (n)");
-  const int64_t n = h.size(0), hd = h.size(1) / n_heads;
-  const auto lengths = positions + 1;
+  check_layers(h, weights, kinds, positions, row0, rot, n_heads, n_kv);
+  isa = std::min(isa, detect_isa());
+  auto out = h.clone();
   const int64_t* pos = positions.data_ptr<int64_t>();
-  for (size_t l = 0; l < weights.size() / kPer; ++l) {
-    const torch::Tensor* w = weights.data() + l * kPer;
-    const int64_t* kind = kinds.data() + l * 4;
-    const torch::Tensor &k_cache = w[10], &v_cache = w[11];
-    TORCH_CHECK(row0 + n <= k_cache.size(0), "decode_layers: rows out of the cache");
-    auto qkv = gemv(rmsnorm(h, w[0], eps, isa), w[1], w[2], kind[0], isa);
-    rope_qk_(qkv, n_heads + n_kv, hd, rot, isa);
-    for (int64_t i = 0; i < n; ++i) {
-      TORCH_CHECK(pos[i] >= 0 && pos[i] < k_cache.size(2), "decode_layers: a position is out of the cache");
-      auto row = qkv[i];
-      k_cache[row0 + i].select(1, pos[i]).copy_(row.narrow(0, n_heads * hd, n_kv * hd).view({n_kv, hd}));
-      v_cache[row0 + i].select(1, pos[i]).copy_(row.narrow(0, (n_heads + n_kv) * hd, n_kv * hd).view({n_kv, hd}));
-    }
-    auto q = qkv.narrow(1, 0, n_heads * hd).view({n, n_heads, hd});
-    auto attn = decode_attention(q, k_cache, v_cache, lengths, row0, isa);
-    h = h + gemv(attn, w[3], w[4], kind[1], isa);
-    auto gate_up = gemv(rmsnorm(h, w[5], eps, isa), w[6], w[7], kind[2], isa);
-    h = h + gemv(silu_mul(gate_up, isa), w[8], w[9], kind[3], isa);
-  }
-  return h;
+  const float e = static_cast<float>(eps);
+  const bool one = rot.size(0) == 1;
+  if (h.scalar_type() == at::kFloat)
+    decode_step(out.data_ptr<float>(), h.size(0), h.size(1), weights, kinds.data(), pos, row0, rot.data_ptr<float>(), one,
+                n_heads, n_kv, e, isa);
+  else if (h.scalar_type() == at::kBFloat16)
+    decode_step(out.data_ptr<c10::BFloat16>(), h.size(0), h.size(1), weights, kinds.data(), pos, row0,
+                rot.data_ptr<float>(), one, n_heads, n_kv, e, isa);
+  else
+    decode_step(out.data_ptr<c10::Half>(), h.size(0), h.size(1), weights, kinds.data(), pos, row0, rot.data_ptr<float>(),
+                one, n_heads, n_kv, e, isa);
+  return out;
 }
 
 }  // namespace
