@@ -74,7 +74,11 @@ def test_quantized_tensors_equal_ggufs_dequantizer(name, tmp_path):
     assert isinstance(q, QuantLinear) and q.config.group_size == 32
     assert np.abs(q.dequantize().numpy() - ref).max() <= 1e-6 * np.abs(ref).max()  # the file's codes, as stored
     x = torch.randn(native.WIDENED_ROWS + 8, 256)  # prefill rows beyond the native kernel's: the weights' own product
-    torch.testing.assert_close(q(x), x @ torch.from_numpy(ref).t(), atol=1e-3, rtol=1e-4)
+    if native.int8_gemm():  # except AVX-512 VNNI's int8 product: activations rounded to int8 per block, as llama.cpp's
+        exact = x @ torch.from_numpy(ref).t()
+        assert (q(x) - exact).abs().max() <= 2e-2 * exact.abs().max()
+    else:
+        torch.testing.assert_close(q(x), x @ torch.from_numpy(ref).t(), atol=1e-3, rtol=1e-4)
     # decode rows: the native kernel rounds the activations to int8 per block of 32, as llama.cpp does
     exact = x[:2] @ torch.from_numpy(ref).t()
     assert (q(x[:2]) - exact).abs().max() <= 2e-2 * exact.abs().max(), q.kernel(x[:2])

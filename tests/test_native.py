@@ -17,7 +17,8 @@ LEVELS = list(range(EXT.best_isa() + 1)) if EXT is not None else []
 # rows AVX2's tiled product: blocks of 6 rows (and a partial one) against panels of 16 columns (and a partial one)
 SHAPES = [(1, 64, 48), (1, 96, 19), (3, 96, 17), (5, 256, 33), (8, 128, 64), (9, 32, 5), (6, 4096, 41), (13, 4096, 41),
           (17, 64, 16), (23, 96, 37), (40, 512, 70)]
-QSHAPES = [(1, 128, 48), (3, 256, 17), (5, 384, 33), (8, 128, 64), (9, 512, 5), (7, 4096, 130)]  # K: every group
+QSHAPES = [(1, 128, 48), (3, 256, 17), (5, 384, 33), (8, 128, 64), (9, 512, 5), (7, 4096, 130),  # K: every group
+           (17, 128, 48), (23, 384, 33), (70, 4096, 130)]  # from 17 rows: AVX-512's int8 product, panels of 32, 4 rows a pass
 
 
 def activation_reference(x: torch.Tensor, q4: bool) -> torch.Tensor:
@@ -25,7 +26,9 @@ def activation_reference(x: torch.Tensor, q4: bool) -> torch.Tensor:
     m, k = x.shape
     blocks = x.reshape(m, k // 32, 32)
     amax = blocks.abs().amax(-1, keepdim=True)
-    codes = torch.round(blocks * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax)))
+    # 127 / amax as a division: Python's 127 / tensor is reciprocal() * 127, an ulp off at times, and ties then round
+    # the other way
+    codes = torch.round(blocks * torch.where(amax > 0, torch.full_like(amax, 127) / amax, torch.zeros_like(amax)))
     return (codes * amax / 127).reshape(m, k)
 
 
@@ -147,11 +150,14 @@ def test_the_mode_picks_the_path(mode, monkeypatch):
     limit = native.WIDENED_ROWS if widened else native.MAX_ROWS_F32
     few, many = torch.randn(limit, 256), torch.randn(limit + 1, 256)
     assert q.kernel(few) == ("generic" if mode == "generic" else "native")
-    assert q.kernel(many) == "generic"  # prefill of grouped int8: dequantize + F.linear
+    # prefill of grouped int8: AVX-512 VNNI's int8 product, else dequantize + F.linear
+    gemm = mode != "generic" and native.int8_gemm()
+    assert gemm == (native.isa() == "avx512-vnni")
+    assert q.kernel(many) == ("native" if gemm else "generic")
     bf16 = torch.randn(native.WIDENED_ROWS + 1, 256, dtype=torch.bfloat16)
     limit = native.WIDENED_ROWS if widened else native.max_rows(bf16)  # AMX/oneDNN products beyond 8 bf16 rows
     bf16 = bf16[: limit + 1]
-    assert q.kernel(bf16[:limit]) == q.kernel(few) and q.kernel(bf16) != "native"
+    assert q.kernel(bf16[:limit]) == q.kernel(few) and (q.kernel(bf16) == "native") == gemm
     assert native.isa() in kernels.cpu_kernels().describe()
 
 

@@ -28,9 +28,10 @@ def test_quant_linear_equals_the_dequantized_product(config, out_features, mode,
     deq = q.dequantize()
     step = (w.abs().amax() / (127 if config.bits == 8 else 7)).item()
     assert (deq - w).abs().max() <= step  # rounding to the nearest level of its group
-    # without native bf16 the native kernel (int8 activations, as llama.cpp's) takes prompts too
-    widened = (mode == "auto" and config.symmetric and not kernels.native_dtype_support(torch.bfloat16)
-               and native.simd())
+    # without native bf16 the native kernel (int8 activations, as llama.cpp's) takes prompts too, and so does
+    # AVX-512 VNNI's int8 matrix product
+    widened = (mode == "auto" and config.symmetric and (native.int8_gemm() or (
+        not kernels.native_dtype_support(torch.bfloat16) and native.simd())))
     for dtype, tol in ((torch.float32, 2e-2 if widened else 1e-4), (torch.bfloat16, 2e-2)):
         x = torch.randn(3, 6, 256).to(dtype)  # 18 rows: more than the native decode products take
         got = q(x)
@@ -42,7 +43,9 @@ def test_quant_linear_equals_the_dequantized_product(config, out_features, mode,
         "int4pack" if config.bits == 4 and out_features % 16 == 0 else "generic")
     assert q.kernel(x) == expected  # 18 bf16 rows
     per_channel_int8 = mode == "auto" and config.bits == 8 and config.group_size == 0
-    assert q.kernel(torch.randn(200, 256, dtype=torch.bfloat16)) == ("int8pack" if per_channel_int8 else "generic")
+    gemm = mode == "auto" and config.symmetric and native.int8_gemm()
+    assert q.kernel(torch.randn(200, 256, dtype=torch.bfloat16)) == (
+        "native" if gemm else "int8pack" if per_channel_int8 else "generic")
 
 
 @pytest.mark.parametrize("config", [QuantConfig(8, 32), QuantConfig(4, 32), QuantConfig(4, 64, symmetric=False)],

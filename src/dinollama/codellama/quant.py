@@ -6,8 +6,9 @@ asymmetric int4 is Q4_1 (``w = d * u + m``). Scales (and minima) are float16, on
 1.06 bytes per weight for int8/32, 0.56 for int4/32 (0.62 asymmetric).
 
 Kernels (picked in :meth:`QuantLinear.kernel`, forced to the generic one by
-``DINOLLAMA_KERNELS=generic``): up to 16 f32 or 8 bf16 rows (decoding), int8 and symmetric int4 run the native
-integer dot products of :mod:`dinollama.nn.native`; otherwise int8 per channel ->
+``DINOLLAMA_KERNELS=generic``): up to 16 rows (decoding), int8 and symmetric int4 run the native
+integer dot products of :mod:`dinollama.nn.native`, and prompts too on AVX-512 VNNI CPUs (its int8 matrix
+product) or where bf16 is emulated (up to 128 rows); otherwise int8 per channel ->
 ``torch._weight_int8pack_mm``, int4 in bf16 below 128 rows -> ``torch._weight_int4pack_mm_for_cpu``,
 and the rest (prefill) dequantizes the weight for ``F.linear``.
 """
@@ -150,7 +151,8 @@ class QuantLinear(nn.Module):
         if x.device.type != "cpu" or cpu_kernels().mode == "generic" or x.dtype not in (torch.float32, torch.bfloat16):
             return "generic"
         # without native bf16 the generic path widens the weight to fp32: the native kernel takes prompts too
-        if self.config.symmetric and native.usable(x, widened=not native_dtype_support(torch.bfloat16, x.device)):
+        if self.config.symmetric and native.usable(x, widened=not native_dtype_support(torch.bfloat16, x.device),
+                                                   quantized=True):
             return "native"
         if self.config.bits == 8 and self.config.group_size == 0:
             return "int8pack"
