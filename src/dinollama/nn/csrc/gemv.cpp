@@ -931,31 +931,110 @@ struct GemmX {  // x rounded per 32-block: codes (M, K) in element order, scales
   std::vector<int32_t> corr;
 };
 
+// 8 x 8 transposes of 16-bit words in each 128-bit lane: o[t] word c = r[c] word t.
+T2 inline void transpose8x16(const __m256i* r, __m256i* o) {
+  __m256i a[8], b[8];
+  for (int i = 0; i < 4; ++i) {
+    a[2 * i] = _mm256_unpacklo_epi16(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm256_unpackhi_epi16(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int h = 0; h < 2; ++h) {
+      b[4 * i + 2 * h] = _mm256_unpacklo_epi32(a[4 * i + h], a[4 * i + h + 2]);
+      b[4 * i + 2 * h + 1] = _mm256_unpackhi_epi32(a[4 * i + h], a[4 * i + h + 2]);
+    }
+  for (int i = 0; i < 4; ++i) {
+    o[2 * i] = _mm256_unpacklo_epi64(b[i], b[i + 4]);
+    o[2 * i + 1] = _mm256_unpackhi_epi64(b[i], b[i + 4]);
+  }
+}
+
+// 8 x 8 transpose of 32-bit words: o[t] dword c = r[c] dword t.
+T2 inline void transpose8x32(const __m256i* r, __m256i* o) {
+  __m256i a[8], b[8];
+  for (int i = 0; i < 4; ++i) {
+    a[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int h = 0; h < 2; ++h) {
+      b[4 * i + 2 * h] = _mm256_unpacklo_epi64(a[4 * i + h], a[4 * i + h + 2]);
+      b[4 * i + 2 * h + 1] = _mm256_unpackhi_epi64(a[4 * i + h], a[4 * i + h + 2]);
+    }
+  for (int i = 0; i < 4; ++i) {
+    o[i] = _mm256_permute2x128_si256(b[i], b[i + 4], 0x20);
+    o[i + 4] = _mm256_permute2x128_si256(b[i], b[i + 4], 0x31);
+  }
+}
+
+// One block of 16 full columns (rows[c] their code rows) into the panel's 8 quads of 64 bytes for that half
+// (`out` at quad 0, quads 128 bytes apart). Q4: a quad is bytes 2t and 2t + 1 of a column's block, one 16-bit
+// word, so the block is an 8 x 8 word transpose per 8 columns, then each word's two bytes become four nibbles.
+T2 void pack_block16(const uint8_t* const* rows, int64_t b, bool q4, uint8_t* out) {
+  if (q4) {
+    __m256i r[8], o[8];  // lane 0: columns 0-7, lane 1: columns 8-15
+    for (int c = 0; c < 8; ++c)
+      r[c] = _mm256_set_m128i(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[c + 8] + b * (kBlock / 2))),
+                              _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[c] + b * (kBlock / 2))));
+    transpose8x16(r, o);
+    const __m256i m4 = _mm256_set1_epi8(15);
+    for (int t = 0; t < 8; ++t) {
+      const __m256i lo = _mm256_and_si256(o[t], m4), hi = _mm256_and_si256(_mm256_srli_epi16(o[t], 4), m4);
+      const __m256i e0 = _mm256_unpacklo_epi8(lo, hi), e1 = _mm256_unpackhi_epi8(lo, hi);  // columns 0-3 | 8-11, 4-7 | 12-15
+      _mm256_store_si256(reinterpret_cast<__m256i*>(out + t * 128), _mm256_permute2x128_si256(e0, e1, 0x20));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(out + t * 128 + 32), _mm256_permute2x128_si256(e0, e1, 0x31));
+    }
+    return;
+  }
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));  // Q8: the codes plus 128, unsigned
+  for (int g = 0; g < 2; ++g) {
+    __m256i r[8], o[8];
+    for (int c = 0; c < 8; ++c)
+      r[c] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[8 * g + c] + b * kBlock)), flip);
+    transpose8x32(r, o);
+    for (int t = 0; t < 8; ++t) _mm256_store_si256(reinterpret_cast<__m256i*>(out + t * 128 + 32 * g), o[t]);
+  }
+}
+
 // Panel rows n0.. (cols <= kGN) as [block][quad][half][16 columns][4 codes] and the fp32 scales [block][kGN];
-// missing columns get zero codes and scales.
+// missing columns get zero codes and scales. Full halves of 16 columns go through pack_block16 (scalar stores
+// of each quad took half of a 64-row q4_0 prefill's time), a partial one column by column.
 T512 void pack_gemm_panel(const QuantArgs& a, bool q4, int64_t n0, int64_t cols, uint8_t* pw, float* ps) {
-  const int64_t nb = a.K / kBlock, ng = a.K / a.G, per = a.G / kBlock;
-  std::memset(pw, 0, nb * kBlock * kGN);
-  std::memset(ps, 0, nb * kGN * sizeof(float));
-  const __m128i m4 = _mm_set1_epi8(15);
-  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
-  alignas(32) uint32_t quads[8];
+  const int64_t nb = a.K / kBlock, ng = a.K / a.G, per = a.G / kBlock, row_bytes = q4 ? a.K / 2 : a.K;
+  if (cols < kGN) {
+    std::memset(pw, 0, nb * kBlock * kGN);
+    std::memset(ps, 0, nb * kGN * sizeof(float));
+  }
   for (int64_t j = 0; j < cols; ++j) {
-    const uint8_t* row = a.w + (n0 + j) * (q4 ? a.K / 2 : a.K);
     const uint16_t* ws = a.ws + (n0 + j) * ng;
-    uint32_t* dst = reinterpret_cast<uint32_t*>(pw) + (j / 16) * 16 + j % 16;
-    for (int64_t b = 0; b < nb; ++b) {
-      __m256i u;
-      if (q4) {  // element 2i is byte i's low nibble
-        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * (kBlock / 2)));
-        const __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
-        u = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
-      } else {
-        u = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock)), flip);
+    for (int64_t b = 0; b < nb; ++b) ps[b * kGN + j] = _cvtsh_ss(ws[b / per]);
+  }
+  for (int h = 0; h < 2; ++h) {
+    const int64_t c0 = 16 * h, full = std::min<int64_t>(16, std::max<int64_t>(0, cols - c0));
+    if (full == 16) {
+      const uint8_t* rows[16];
+      for (int c = 0; c < 16; ++c) rows[c] = a.w + (n0 + c0 + c) * row_bytes;
+      for (int64_t b = 0; b < nb; ++b) pack_block16(rows, b, q4, pw + b * 8 * 128 + 64 * h);
+      continue;
+    }
+    const __m128i m4 = _mm_set1_epi8(15);
+    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+    alignas(32) uint32_t quads[8];
+    for (int64_t j = c0; j < c0 + full; ++j) {
+      const uint8_t* row = a.w + (n0 + j) * row_bytes;
+      uint32_t* dst = reinterpret_cast<uint32_t*>(pw) + h * 16 + j % 16;
+      for (int64_t b = 0; b < nb; ++b) {
+        __m256i u;
+        if (q4) {  // element 2i is byte i's low nibble
+          const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * (kBlock / 2)));
+          const __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+          u = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
+        } else {
+          u = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock)), flip);
+        }
+        _mm256_store_si256(reinterpret_cast<__m256i*>(quads), u);
+        for (int t = 0; t < 8; ++t) dst[(b * 8 + t) * 2 * 16] = quads[t];
       }
-      _mm256_store_si256(reinterpret_cast<__m256i*>(quads), u);
-      for (int t = 0; t < 8; ++t) dst[(b * 8 + t) * 2 * 16] = quads[t];
-      ps[b * kGN + j] = _cvtsh_ss(ws[b / per]);
     }
   }
 }
