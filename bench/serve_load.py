@@ -1,11 +1,12 @@
 """Serving under load: ``dinollama serve`` against ``llama-server`` on the same GGUF file and threads.
 
     python bench/serve_load.py --llama-cpp SRC_DIR [--streams 1 4 16] [--requests 32] [--threads 2]
-                               [--types f32 bf16] [--tokens 64] [--prompt 96]
+                               [--types f32 bf16 f16 q8_0 q4_0] [--tokens 64] [--prompt 96]
 
 SRC_DIR is a built llama.cpp tree with ``build/bin/llama-server`` (``cmake --build build --target
 llama-server``; bench/long_context.py --build-llama-cpp builds the tree from the llama-cpp-python sdist).
-The weights: a random Llama of 134M's shape (dim 768, 12 layers; vocabulary: the shipped tokenizer's 8,000), written by our ``save_gguf``. Each server
+The weights: a random Llama of 134M's shape (dim 768, 12 layers; vocabulary: the shipped tokenizer's 8,000), written by
+our ``save_gguf`` (q8_0/q4_0: quantized first, the output head too; ours serves them with ``--dtype auto``). Each server
 gets 16 slots of 512 tokens; the client keeps 1, 4 or 16 streams busy with a fixed number of
 ``/completion`` requests (``stream: true``, distinct random prompts, greedy, ``n_predict`` tokens each)
 and reports aggregate tok/s, p50/p99 time to first token and inter-token latency, and failures.
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from dinollama.codellama import ModelArgs, build, load, save_gguf
+from dinollama.codellama import ModelArgs, build, load, quantize, save_gguf
 from dinollama.nn.kernels import cpu_kernels
 
 CONFIG = ModelArgs(dim=768, n_layers=12, n_heads=12, vocab_size=32016, multiple_of=256, rope_theta=1e6, max_seq_len=2048)
@@ -128,8 +129,11 @@ def load_test(port: int, streams: int, n_requests: int, n_tokens: int, prompt_le
             "ttft50": pct(ttft, 50), "ttft99": pct(ttft, 99), "itl50": pct(itl, 50), "itl99": pct(itl, 99)}
 
 
+SCHEME = {"q8_0": "int8", "q4_0": "int4"}
+
+
 def start_ours(gguf: Path, qtype: str, threads: int, port: int) -> subprocess.Popen:
-    dtype = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}[qtype]
+    dtype = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}.get(qtype, "auto")  # q8_0/q4_0: bf16 where native
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     return subprocess.Popen([sys.executable, "-m", "dinollama.cli.main", "serve", "--model", str(gguf), "--port",
                              str(port), "--parallel", str(SLOTS), "--ctx", str(SLOT_CTX), "--dtype", dtype,
@@ -148,7 +152,7 @@ def main() -> None:
     p.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--requests", type=int, default=32, help="requests per run (at least the stream count)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--types", nargs="+", default=["f32", "bf16"])
+    p.add_argument("--types", nargs="+", default=["f32", "bf16"], choices=["f32", "bf16", "f16", *SCHEME])
     p.add_argument("--tokens", type=int, default=64, help="n_predict of each request")
     p.add_argument("--prompt", type=int, default=96, help="prompt tokens of each request")
     p.add_argument("--serve-args", default="", help="extra options for dinollama serve, e.g. '--prefill-chunk 128'")
@@ -165,7 +169,12 @@ def main() -> None:
         torch.manual_seed(0)
         model = build(replace(CONFIG, vocab_size=tok.n_words))  # the shipped tokenizer's 8,000 pieces
         for qtype in args.types:
-            gguf = save_gguf(model, tok, Path(tmp) / f"m-{qtype}.gguf", qtype)
+            m = model
+            if qtype in SCHEME:  # int8/int4 codes (head too) written as their own Q8_0/Q4_0 blocks
+                m = build(replace(CONFIG, vocab_size=tok.n_words)).eval()
+                m.load_state_dict(model.state_dict())
+                quantize(m, SCHEME[qtype], group_size=32, head=True)
+            gguf = save_gguf(m, tok, Path(tmp) / f"m-{qtype}.gguf", qtype)
             for streams in args.streams:
                 rows = {}
                 for name in (("dinollama",) if args.only_ours else ("llama-server", "dinollama")):

@@ -33,8 +33,9 @@ def register(sub) -> None:
     p.add_argument("--max-images", type=positive_int, default=16, help="images per embeddings request")
     p.add_argument("--prefill-chunk", type=positive_int, default=512,
                    help="prompt tokens per step while nothing decodes: long prompts prefill in chunks")
-    p.add_argument("--decode-chunk", type=positive_int, default=48,
-                   help="prompt tokens per step while others decode, in the same forward (lower: lower p99 latency)")
+    p.add_argument("--decode-chunk", type=positive_int, default=2048,
+                   help="prompt tokens per step while others decode, in the same forward, across the waiting prompts "
+                        "(llama-server's batch; lower: a smoother stream while long prompts arrive)")
     p.set_defaults(func=cmd_serve)
 
 

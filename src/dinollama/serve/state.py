@@ -40,7 +40,7 @@ class ServeConfig:
     max_body_mb: float = 20.0
     max_images: int = 16
     prefill_chunk: int = 512
-    decode_chunk: int = 48
+    decode_chunk: int = 2048
 
 
 @dataclass
