@@ -940,36 +940,36 @@ struct GemmX {  // x rounded per 32-block: codes (M, K) in element order, scales
   std::vector<int32_t> corr;
 };
 
+// One stage of an 8 x 8 transpose: in[p] and in[p + gap] interleaved by Lo and Hi into out, pair by pair.
+T2 inline __m256i lo16(__m256i a, __m256i b) { return _mm256_unpacklo_epi16(a, b); }
+T2 inline __m256i hi16(__m256i a, __m256i b) { return _mm256_unpackhi_epi16(a, b); }
+T2 inline __m256i lo32(__m256i a, __m256i b) { return _mm256_unpacklo_epi32(a, b); }
+T2 inline __m256i hi32(__m256i a, __m256i b) { return _mm256_unpackhi_epi32(a, b); }
+T2 inline __m256i lo64(__m256i a, __m256i b) { return _mm256_unpacklo_epi64(a, b); }
+T2 inline __m256i hi64(__m256i a, __m256i b) { return _mm256_unpackhi_epi64(a, b); }
+template <__m256i (*Lo)(__m256i, __m256i), __m256i (*Hi)(__m256i, __m256i)>
+T2 inline void butterfly(const __m256i* in, __m256i* out, int gap) {
+  int k = 0;
+  for (int p = 0; p < 8; ++p)
+    if ((p / gap) % 2 == 0) {
+      out[k++] = Lo(in[p], in[p + gap]);
+      out[k++] = Hi(in[p], in[p + gap]);
+    }
+}
+
 // 8 x 8 transposes of 16-bit words in each 128-bit lane: o[t] word c = r[c] word t.
 T2 inline void transpose8x16(const __m256i* r, __m256i* o) {
   __m256i a[8], b[8];
-  for (int i = 0; i < 4; ++i) {
-    a[2 * i] = _mm256_unpacklo_epi16(r[2 * i], r[2 * i + 1]);
-    a[2 * i + 1] = _mm256_unpackhi_epi16(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 2; ++i)
-    for (int h = 0; h < 2; ++h) {
-      b[4 * i + 2 * h] = _mm256_unpacklo_epi32(a[4 * i + h], a[4 * i + h + 2]);
-      b[4 * i + 2 * h + 1] = _mm256_unpackhi_epi32(a[4 * i + h], a[4 * i + h + 2]);
-    }
-  for (int i = 0; i < 4; ++i) {
-    o[2 * i] = _mm256_unpacklo_epi64(b[i], b[i + 4]);
-    o[2 * i + 1] = _mm256_unpackhi_epi64(b[i], b[i + 4]);
-  }
+  butterfly<lo16, hi16>(r, a, 1);
+  butterfly<lo32, hi32>(a, b, 2);
+  butterfly<lo64, hi64>(b, o, 4);
 }
 
 // 8 x 8 transpose of 32-bit words: o[t] dword c = r[c] dword t.
 T2 inline void transpose8x32(const __m256i* r, __m256i* o) {
   __m256i a[8], b[8];
-  for (int i = 0; i < 4; ++i) {
-    a[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    a[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 2; ++i)
-    for (int h = 0; h < 2; ++h) {
-      b[4 * i + 2 * h] = _mm256_unpacklo_epi64(a[4 * i + h], a[4 * i + h + 2]);
-      b[4 * i + 2 * h + 1] = _mm256_unpackhi_epi64(a[4 * i + h], a[4 * i + h + 2]);
-    }
+  butterfly<lo32, hi32>(r, a, 1);
+  butterfly<lo64, hi64>(a, b, 2);
   for (int i = 0; i < 4; ++i) {
     o[i] = _mm256_permute2x128_si256(b[i], b[i + 4], 0x20);
     o[i + 4] = _mm256_permute2x128_si256(b[i], b[i + 4], 0x31);
