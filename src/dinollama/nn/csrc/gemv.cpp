@@ -7,7 +7,7 @@
 // (int8 codes, one fp16 scale per group of G, G a multiple of 32) and Q4 (nibbles 0..15 stored
 // pairwise, element 2j in the low half of byte j, w = d * (u - 8)). For Q8/Q4 each 32-block of x is
 // rounded to int8 with its own scale, as llama.cpp does, and the products are integer dot products
-// (AVX-512 VNNI, or AVX2's maddubs).
+// (AVX-512 VNNI, or AVX2's maddubs); from 17 rows (prompts) on VNNI an int8 matrix product over packed panels.
 //
 // Then the small ops of a decode step (RMSNorm, RoPE, silu * up, attention of one query per sequence
 // over its KV cache row) and decode_layers, which runs the whole layer stack of a decode step in one
