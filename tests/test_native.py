@@ -152,7 +152,7 @@ def test_the_mode_picks_the_path(mode, monkeypatch):
     assert q.kernel(few) == ("generic" if mode == "generic" else "native")
     # prefill of grouped int8: AVX-512 VNNI's int8 product, else dequantize + F.linear
     gemm = mode != "generic" and native.int8_gemm()
-    assert gemm == (native.isa() == "avx512-vnni")
+    assert gemm == (native.isa() == "avx512-vnni" and not kernels.cpu_kernels().amx)
     assert q.kernel(many) == ("native" if gemm else "generic")
     bf16 = torch.randn(native.WIDENED_ROWS + 1, 256, dtype=torch.bfloat16)
     limit = native.WIDENED_ROWS if widened else native.max_rows(bf16)  # AMX/oneDNN products beyond 8 bf16 rows
@@ -163,7 +163,8 @@ def test_the_mode_picks_the_path(mode, monkeypatch):
 
 @pytest.mark.parametrize("amx", [True, False])
 def test_16_bit_decode_rows_stay_native_without_amx(amx, monkeypatch):
-    """With AMX oneDNN's bf16 products win from 9 rows; with AVX512-BF16 alone (Zen 4) the native rows do."""
+    """With AMX oneDNN's bf16 products win from 9 rows; with AVX512-BF16 alone (Zen 4) the native rows do. Quantized
+    prompts likewise keep the dequantized copy on AMX tiles there, and take the VNNI int8 product without AMX."""
     from dataclasses import replace
 
     k = replace(kernels.cpu_kernels(), native_bf16=True, amx=amx)
@@ -171,6 +172,7 @@ def test_16_bit_decode_rows_stay_native_without_amx(amx, monkeypatch):
     monkeypatch.setattr(native, "cpu_kernels", lambda: k)
     assert native.max_rows(torch.zeros(1, 32, dtype=torch.bfloat16)) == (8 if amx else 16)
     assert native.max_rows(torch.zeros(1, 32)) == 16
+    assert native.int8_gemm() == (native.isa() == "avx512-vnni" and not amx)
 
 
 @pytest.mark.parametrize("mode", ["auto", "avx2", "generic"])

@@ -137,8 +137,9 @@ def tiled() -> bool:
 
 def int8_gemm() -> bool:
     """Whether Q8/Q4 prompts (17 rows or more) run the extension's int8 matrix product (AVX-512 VNNI): at 64 and 512
-    rows of the 134M shapes on a Zen 4 it ran 1.8-3x a dequantized bf16 copy through oneDNN (csrc quant_gemm_vnni)."""
-    return _level() == 2
+    rows of the 134M shapes on a Zen 4 it ran 1.8-3x a dequantized bf16 copy through oneDNN (csrc quant_gemm_vnni).
+    Not on AMX CPUs, where that copy runs on AMX tiles (several times VNNI's rate; not measured against it here)."""
+    return _level() == 2 and not cpu_kernels().amx
 
 
 def usable(x: Tensor, widened: bool = False, float_weight: bool = False, quantized: bool = False) -> bool:
